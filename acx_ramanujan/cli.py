@@ -1,0 +1,41 @@
+"""`acx-rt`: parses the subcommand and hands the rest of the command line to the module that owns it."""
+
+import importlib
+import sys
+
+# subcommand: (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
+SUBCOMMANDS = {
+    "train": ("acx_ramanujan.pretraining", "pretrain a model with Accelerate (default: the tiny preset on Python's help text)"),
+    "finetune": ("acx_ramanujan.finetuning", "fine-tune a saved model with the Transformers Trainer"),
+    "tokenizer": ("acx_ramanujan.bpe", "train a byte-level BPE tokenizer (`acx-rt tokenizer train ...`)"),
+    "push": ("acx_ramanujan.hub", "push an output directory to the Hugging Face Hub"),
+    "verify": ("acx_ramanujan.study.verify", "measure activations and gradients per layer at initialization"),
+    "benchmark": ("acx_ramanujan.study.benchmark", "train layers x schemes x seeds and compare validation loss"),
+    "visualize": ("acx_ramanujan.study.visualize", "plot variance, gradients, attention and expert load of a checkpoint"),
+    "bench-speed": ("acx_ramanujan.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
+    "export": ("acx_ramanujan.export", "export a checkpoint to ONNX and verify it with onnxruntime"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: acx-rt <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "`acx-rt <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"acx-rt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

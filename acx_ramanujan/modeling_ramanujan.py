@@ -1,0 +1,615 @@
+"""Ramanujan decoder: RMSNorm → rotary → attention → MLP → MoE → decoder layer → pretrained base → heads.
+
+A pre-norm Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU) with an optional dropless top-k
+mixture of experts. Attention runs through Transformers' attention interface (eager, sdpa, flash, flex),
+masks through `masking_utils`, the KV cache through `cache_utils`. What is ours: the per-layer weight
+initialization (`initialization_ramanujan`) and the seed's per-layer attention temperature.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations.moe import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_ramanujan import RamanujanConfig
+from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, weight_std
+
+
+class RamanujanRMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32 as Llama does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def default_rope_parameters(config: RamanujanConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+    """inv_freq = 1 / θ^(2i/d) (Su et al. 2021), θ from `config.rope_parameters["rope_theta"]`."""
+    base = config.rope_parameters["rope_theta"]
+    dim = config.head_dim
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    return inv_freq, 1.0
+
+
+class RamanujanRotaryEmbedding(nn.Module):
+    """Rotary tables; other rope types (linear, dynamic, yarn, llama3 …) come from Transformers' registry."""
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    def compute_inv_freq(self, config: RamanujanConfig, device=None) -> tuple[torch.Tensor, float]:
+        rope_init_fn: Callable = default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        return rope_init_fn(config, device)
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q, k: (batch, heads, seq, head_dim); cos, sin: (batch, seq, head_dim)."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, d) → (batch, kv_heads·n_rep, seq, d), as `torch.repeat_interleave` on dim 1."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention: softmax(QKᵀ·scaling + mask)·V, softmax in float32. Returns the weights too."""
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class RamanujanAttention(nn.Module):
+    """GQA self-attention with rotary positions and the seed's per-layer temperature."""
+
+    def __init__(self, config: RamanujanConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = attention_scaling(
+            self.head_dim, layer_idx, config.attention_scale_alpha, config.attention_scale_decay
+        )
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class RamanujanMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(act(gate(x)) · up(x))."""
+
+    def __init__(self, config: RamanujanConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RamanujanRouter(nn.Linear):
+    """Router: hidden → one logit per expert. Its own class so `router_logits` can be recorded."""
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__(config.hidden_size, config.num_experts, bias=False)
+
+
+@use_experts_implementation
+class RamanujanExperts(nn.Module):
+    """All experts of one layer as fused 3-D weights, the layout of Transformers v5 MoE models.
+
+    gate_up_proj: (num_experts, 2·moe_intermediate_size, hidden); down_proj: (num_experts, hidden, moe_intermediate).
+    The eager forward is dropless and computes each token only for its own top-k experts: assignments are
+    sorted by expert, gathered once, run through each expert's contiguous slice, weighted and scattered back.
+    """
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)
+        order = flat_experts.argsort(stable=True)
+        token_of_assignment = order // top_k
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        routed = hidden_states[token_of_assignment]
+        outputs = []
+        for expert, tokens in enumerate(routed.split(counts)):
+            if tokens.shape[0] == 0:
+                continue
+            gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, expert_out)
+
+
+class RamanujanSparseMoeBlock(nn.Module):
+    """Softmax router, top-k experts (renormalized when norm_topk_prob), plus optional always-on shared experts."""
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router = RamanujanRouter(config)
+        self.experts = RamanujanExperts(config)
+        self.shared_experts = (
+            RamanujanMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden_dim)
+        router_logits = self.router(flat)
+        routing_weights = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = torch.topk(routing_weights, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        output = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(flat)
+        return output.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class RamanujanDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); the ffn is an MLP or an MoE block."""
+
+    def __init__(self, config: RamanujanConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = RamanujanAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = RamanujanSparseMoeBlock(config)
+        else:
+            self.mlp = RamanujanMLP(config, config.intermediate_size)
+        self.input_layernorm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # `_init_weights` only sees leaf modules: tag each weight-holding leaf with its layer and role.
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, RamanujanExperts)):
+                module._ramanujan_layer_idx = layer_idx
+                module._ramanujan_role = (
+                    "router"
+                    if isinstance(module, RamanujanRouter)
+                    else "output_projection"
+                    if name.endswith(OUTPUT_PROJECTIONS)
+                    else "linear"
+                )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class RamanujanPreTrainedModel(PreTrainedModel):
+    config: RamanujanConfig
+    config_class = RamanujanConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RamanujanDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # the MoE dispatch sizes its expert slices on the host
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": RamanujanRouter,
+        "hidden_states": RamanujanDecoderLayer,
+        "attentions": RamanujanAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """Draw every weight from `initialization_ramanujan.weight_std` for `config.init_scheme`.
+
+        Uses `transformers.initialization`, which skips tensors already loaded by `from_pretrained`.
+        The Ramanujan scheme draws decoder weights from a normal truncated at ±2σ (as the seed does);
+        the baselines draw plain normals.
+        """
+        config = self.config
+        draw = init.trunc_normal_ if config.init_scheme == "ramanujan" else init.normal_
+
+        def fill(tensor: torch.Tensor, role: str, fan_in: int, fan_out: int, layer_idx: int | None = None):
+            std = weight_std(config, role, fan_in, fan_out, layer_idx)
+            if draw is init.trunc_normal_:
+                init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            else:
+                init.normal_(tensor, mean=0.0, std=std)
+
+        role = getattr(module, "_ramanujan_role", None)
+        if isinstance(module, RamanujanExperts):
+            layer = module._ramanujan_layer_idx
+            fill(module.gate_up_proj, "linear", module.hidden_dim, module.intermediate_dim, layer)
+            fill(module.down_proj, "output_projection", module.intermediate_dim, module.hidden_dim, layer)
+        elif isinstance(module, nn.Linear):
+            if role == "lm_head" and config.tie_word_embeddings:
+                return  # the head is the embedding matrix, initialized as such
+            layer = getattr(module, "_ramanujan_layer_idx", None)
+            fill(module.weight, role or "linear", module.in_features, module.out_features, layer)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            fill(module.weight, "embedding", module.embedding_dim, module.num_embeddings)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, RamanujanRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RamanujanRotaryEmbedding):
+            inv_freq, _ = module.compute_inv_freq(module.config, module.inv_freq.device)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Fail with the offending id instead of an opaque index error (skipped inside compiled graphs)."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(f"token id {bad} is outside the vocabulary (vocab_size={vocab_size}, valid ids 0..{vocab_size - 1})")
+
+
+class RamanujanModel(RamanujanPreTrainedModel):
+    """The decoder stack without a head: embeddings → layers → final norm."""
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [RamanujanDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RamanujanRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-Transformer balance loss (Fedus et al. 2022, eq. 4) on the real top-k assignment, averaged over layers.
+
+    Per layer: E · Σ_e f_e · P_e, with f_e the share of the N·k top-k assignments that go to expert e and
+    P_e the mean router probability of e over tokens. This is Mixtral's top-k form divided by k, so it is 1.0 at
+    perfect balance for any k and grows to E when all tokens pick the same experts. Padding (mask 0) is left out.
+    """
+    losses = []
+    for logits in router_logits:
+        num_experts = logits.shape[-1]
+        probs = F.softmax(logits.float(), dim=-1)
+        chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+        weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
+        weights = weights / weights.sum()
+        assignment_share = (chosen * weights[:, None]).sum(0) / top_k
+        mean_prob = (probs * weights[:, None]).sum(0)
+        losses.append(num_experts * (assignment_share * mean_prob).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)², averaged over layers."""
+    losses = []
+    for logits in router_logits:
+        z = torch.logsumexp(logits.float(), dim=-1) ** 2
+        if attention_mask is None:
+            losses.append(z.mean())
+        else:
+            mask = attention_mask.reshape(-1).float()
+            losses.append((z * mask).sum() / mask.sum())
+    return torch.stack(losses).mean()
+
+
+def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Share of top-k assignments per expert, one row per MoE layer: (num_moe_layers, num_experts), rows sum to 1."""
+    rows = []
+    for logits in router_logits:
+        chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
+        rows.append(torch.bincount(chosen, minlength=logits.shape[-1]).float() / chosen.numel())
+    return torch.stack(rows)
+
+
+class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
+    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss` (as `aux_loss`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__(config)
+        self.model = RamanujanModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head._ramanujan_role = "lm_head"
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=need_router_logits,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = None
+        if need_router_logits:
+            router_logits = outputs.router_logits
+            aux_loss = self.config.router_aux_loss_coef * load_balancing_loss(
+                router_logits, self.config.num_experts_per_tok, attention_mask
+            ) + self.config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+            if loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+
+class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
+    """Decoder + linear score head on the last non-pad token (Llama's pooling; works with left or right padding)."""
+
+    def __init__(self, config: RamanujanConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RamanujanModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size = logits.shape[0]
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None and batch_size != 1:
+            raise ValueError("Cannot classify a batch of more than one sequence without a pad_token_id in the config.")
+        if pad_token_id is None or input_ids is None:
+            last_non_pad_token = -1
+        else:
+            non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
+            positions = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last_non_pad_token = (positions * non_pad).argmax(-1)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_non_pad_token]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "RamanujanPreTrainedModel",
+    "RamanujanModel",
+    "RamanujanForCausalLM",
+    "RamanujanForSequenceClassification",
+    "load_balancing_loss",
+    "router_z_loss",
+    "expert_load",
+]

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny configs, the shared corpus, and an isolated HF cache for every test session."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Nothing may be fetched from the Hub; remote-code modules go to a throwaway cache.
+_HF_HOME = tempfile.mkdtemp(prefix="acx-hf-home-")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def tiny_shakespeare() -> Path:
+    if not TINY_SHAKESPEARE.is_file():
+        pytest.skip(f"needs ../shared/data/tinyshakespeare.txt (absent at {TINY_SHAKESPEARE})")
+    return TINY_SHAKESPEARE
+
+
+def tiny_config(**overrides):
+    """A 2-layer width-32 config: fast enough for every test."""
+    from acx_ramanujan import RamanujanConfig
+
+    values = dict(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    values.update(overrides)
+    return RamanujanConfig(**values)
+
+
+def tiny_moe_config(**overrides):
+    values = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+    values.update(overrides)
+    return tiny_config(**values)
