@@ -44,3 +44,38 @@ def tiny_moe_config(**overrides):
     values = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
     values.update(overrides)
     return tiny_config(**values)
+
+
+# A fresh interpreter in which `acx_ramanujan` cannot be imported: what a user without the package sees.
+_BLOCK_PACKAGE = """
+import importlib.abc, sys
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "acx_ramanujan" or name.startswith("acx_ramanujan."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, _Blocker())
+try:
+    import acx_ramanujan
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("acx_ramanujan is still importable")
+"""
+
+
+def run_without_package(code: str, cwd, extra_env: dict | None = None, timeout: int = 240):
+    """Run `code` in a new Python process (cwd outside the repo, offline, private HF cache) with the package blocked.
+
+    Returns the CompletedProcess; raises AssertionError with the child's stderr if it failed.
+    """
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(Path(cwd) / "hf_home")}
+    env.pop("PYTHONPATH", None)
+    env.update(extra_env or {})
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCK_PACKAGE + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"child failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr[-4000:]}"
+    return result
