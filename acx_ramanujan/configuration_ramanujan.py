@@ -23,6 +23,9 @@ class RamanujanConfig(PreTrainedConfig):
     `ramanujan_depth` / `ramanujan_transition` set R and T of the seed's schedule (None: derived from depth);
     `ramanujan_gain` multiplies every decoder weight's std. `attention_scale_alpha` / `attention_scale_decay`
     give layer l the attention scale 1 / (√head_dim · (1 + α·e^(−λ·l))); α = 0 is the standard scale.
+    Ablation switches, to take the Ramanujan scheme apart: `embedding_init_scheme` / `lm_head_init_scheme`
+    draw the embedding / untied head with another scheme's rule (None: `init_scheme`'s), and
+    `ramanujan_layer_schedule=False` drops the per-layer multiplier (σ = gain/√fan_in in every layer).
     """
 
     model_type = "ramanujan"
@@ -66,6 +69,11 @@ class RamanujanConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     attention_scale_alpha: float = 0.3
     attention_scale_decay: float = 0.5
+    # Ablation switches (docs/init-study.md): which scheme's rule draws the embedding / the untied head
+    # (None: init_scheme's), and whether the Ramanujan scheme applies its per-layer schedule to linear weights.
+    embedding_init_scheme: str | None = None
+    lm_head_init_scheme: str | None = None
+    ramanujan_layer_schedule: bool = True
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -106,6 +114,12 @@ class RamanujanConfig(PreTrainedConfig):
             )
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"init_scheme {self.init_scheme!r} is unknown; valid schemes: {', '.join(INIT_SCHEMES)}")
+        for name in ("embedding_init_scheme", "lm_head_init_scheme"):
+            value = getattr(self, name)
+            if value is not None and value not in INIT_SCHEMES:
+                raise ValueError(f"{name} {value!r} is unknown; valid: None or one of {', '.join(INIT_SCHEMES)}")
+        if not isinstance(self.ramanujan_layer_schedule, bool):
+            raise ValueError(f"ramanujan_layer_schedule must be True or False, got {self.ramanujan_layer_schedule!r}")
         for name in ("ramanujan_depth", "ramanujan_transition"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):

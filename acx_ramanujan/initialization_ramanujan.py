@@ -77,8 +77,20 @@ def ramanujan_peak(num_layers: int, depth: int | None = None, transition: int | 
 
 
 def ramanujan_layer_scales(config) -> list[float]:
-    """The per-layer multipliers for a `RamanujanConfig`."""
+    """The per-layer multipliers for a `RamanujanConfig` (all 1 when `ramanujan_layer_schedule` is off)."""
+    if not getattr(config, "ramanujan_layer_schedule", True):
+        return [1.0] * config.num_hidden_layers
     return ramanujan_schedule(config.num_hidden_layers, config.ramanujan_depth, config.ramanujan_transition)
+
+
+def scheme_for_role(config, role: str) -> str:
+    """The scheme whose rule draws `role`: `embedding_init_scheme` / `lm_head_init_scheme` when set, else init_scheme.
+
+    These switches exist to take the Ramanujan scheme apart (docs/init-study.md).
+    """
+    field = {"embedding": "embedding_init_scheme", "lm_head": "lm_head_init_scheme"}.get(role)
+    override = getattr(config, field, None) if field else None
+    return override or config.init_scheme
 
 
 def weight_std(config, role: str, fan_in: int, fan_out: int, layer_idx: int | None = None) -> float:
@@ -95,8 +107,9 @@ def weight_std(config, role: str, fan_in: int, fan_out: int, layer_idx: int | No
       mitchell    OLMo (Groeneveld et al. 2024): 1/√fan_in; outputs 1/√(2·fan_in·(l+1)).
     Baselines use initializer_range for embeddings, lm_head and router, as Llama does.
     Expert weights follow their decoder layer's rule with their own fan_in (per expert).
+    The embedding and head follow `scheme_for_role` (ablation switches; default: init_scheme).
     """
-    scheme = config.init_scheme
+    scheme = scheme_for_role(config, role)
     num_layers = config.num_hidden_layers
     d = config.hidden_size
     if role not in ROLES:
