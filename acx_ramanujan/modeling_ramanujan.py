@@ -351,7 +351,8 @@ class RamanujanPreTrainedModel(PreTrainedModel):
             if role == "lm_head" and config.tie_word_embeddings:
                 return  # the head is the embedding matrix, initialized as such
             layer = getattr(module, "_ramanujan_layer_idx", None)
-            fill(module.weight, role or "linear", module.in_features, module.out_features, layer)
+            # Linears outside the decoder layers are output heads (lm_head, the classifier's score).
+            fill(module.weight, role if layer is not None else "lm_head", module.in_features, module.out_features, layer)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -1,0 +1,343 @@
+"""The decoder behaves like a model that ships inside Transformers: shapes, cache, masks, save/load, MoE routing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_without_package, tiny_config, tiny_moe_config
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from acx_ramanujan import RamanujanForCausalLM, RamanujanForSequenceClassification, RamanujanModel
+from acx_ramanujan.modeling_ramanujan import expert_load, load_balancing_loss, router_z_loss
+
+CONFIGS = {"dense": tiny_config, "moe": tiny_moe_config}
+
+
+def build(kind="dense", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RamanujanForCausalLM(CONFIGS[kind](**overrides)).eval()
+
+
+def random_ids(batch=2, length=12, seed=1):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_shapes_and_outputs(kind):
+    model = build(kind)
+    ids = random_ids(3, 10)
+    out = model(ids, output_hidden_states=True, output_attentions=False)
+    assert out.logits.shape == (3, 10, 259)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], model.model.embed_tokens(ids))
+    base = model.model(ids)
+    assert base.last_hidden_state.shape == (3, 10, 32)
+    as_tuple = model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+    assert model(ids, logits_to_keep=1).logits.shape == (3, 1, 259)
+
+
+def test_auto_classes_resolve():
+    config = tiny_config()
+    assert type(AutoModelForCausalLM.from_config(config)) is RamanujanForCausalLM
+    assert type(AutoModel.from_config(config)) is RamanujanModel
+    assert type(AutoModelForSequenceClassification.from_config(config)) is RamanujanForSequenceClassification
+
+
+def test_llama_module_names():
+    model = build("moe", num_shared_experts=1, first_k_dense_layers=1)
+    names = {name for name, _ in model.named_modules()}
+    for expected in [
+        "model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm", "model.norm", "lm_head", "model.layers.1.mlp.router",
+        "model.layers.1.mlp.experts", "model.layers.1.mlp.shared_experts.gate_proj",
+    ]:
+        assert expected in names, expected
+
+
+def test_token_id_out_of_range_is_named():
+    model = build()
+    with pytest.raises(ValueError, match=r"token id 300 .*vocab_size=259"):
+        model(torch.tensor([[1, 2, 300]]))
+    with pytest.raises(ValueError, match=r"token id -1"):
+        model(torch.tensor([[1, -1]]))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_tiny_overfit_loss_drops(kind):
+    model = build(kind).train()
+    ids = random_ids(2, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_causal_lm_loss_is_shifted_cross_entropy():
+    model = build()
+    ids = random_ids(2, 9)
+    out = model(ids, labels=ids)
+    reference = F.cross_entropy(out.logits[:, :-1].reshape(-1, 259), ids[:, 1:].reshape(-1))
+    assert out.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert out.aux_loss is None
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_cached_and_uncached_greedy_generation_match(kind):
+    model = build(kind)
+    prompt = random_ids(2, 5)
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=256)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=256)
+    assert torch.equal(cached, uncached)
+    # and greedy means: each new token is the argmax of a full forward pass over everything before it
+    sequence = prompt[:1]
+    for _ in range(12):
+        next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(sequence, cached[:1])
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_eager_and_sdpa_agree_with_padding(kind):
+    model = build(kind)
+    ids = random_ids(3, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, 7:] = 0  # right padding
+    model.set_attn_implementation("sdpa")
+    sdpa = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("eager")
+    eager = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(sdpa[keep], eager[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_left_padded_batch_generation_equals_single(kind):
+    model = build(kind)
+    short, long = random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]
+    pad = model.config.pad_token_id
+    batch = torch.stack([torch.cat([torch.full((5,), pad), short]), long])
+    mask = (torch.arange(9) >= 5).long().unsqueeze(0).repeat(2, 1)
+    mask[1] = 1
+    batched = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad)
+    for row, prompt in enumerate([short, long]):
+        single = model.generate(prompt[None], max_new_tokens=8, do_sample=False, pad_token_id=pad)
+        assert torch.equal(batched[row, 9:], single[0, len(prompt):]), row
+
+
+def test_attention_scale_follows_the_seed_formula():
+    config = tiny_config(num_hidden_layers=3, attention_scale_alpha=0.3, attention_scale_decay=0.5)
+    model = RamanujanForCausalLM(config)
+    for layer_idx, layer in enumerate(model.model.layers):
+        expected = 1 / (math.sqrt(config.head_dim) * (1 + 0.3 * math.exp(-0.5 * layer_idx)))
+        assert layer.self_attn.scaling == pytest.approx(expected)
+    standard = RamanujanForCausalLM(tiny_config(attention_scale_alpha=0.0))
+    assert standard.model.layers[0].self_attn.scaling == pytest.approx(config.head_dim**-0.5)
+
+
+def test_eager_attention_matches_naive_softmax():
+    """Layer-0 attention output against a hand-written causal softmax attention with GQA and the seed's scale."""
+    model = build()
+    model.set_attn_implementation("eager")
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 6, 32)
+    positions = torch.arange(6)[None]
+    cos, sin = model.model.rotary_emb(x, positions)
+    future = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    additive_mask = torch.zeros(6, 6).masked_fill(future, float("-inf"))[None, None]
+    out, _ = attention(x, position_embeddings=(cos, sin), attention_mask=additive_mask)
+    heads, kv_heads, d = 4, 2, 8
+    q = attention.q_proj(x).view(2, 6, heads, d).transpose(1, 2)
+    k = attention.k_proj(x).view(2, 6, kv_heads, d).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = attention.v_proj(x).view(2, 6, kv_heads, d).transpose(1, 2).repeat_interleave(2, dim=1)
+
+    def rotate(t):  # rotary: (x1, x2) → (x1 cos − x2 sin, x2 cos + x1 sin), pairs split by halves
+        t1, t2 = t[..., : d // 2], t[..., d // 2 :]
+        c, s = cos[:, None, :, : d // 2], sin[:, None, :, : d // 2]
+        return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], dim=-1)
+
+    scores = rotate(q) @ rotate(k).transpose(-1, -2) * attention.scaling
+    scores = scores.masked_fill(future, float("-inf"))
+    reference = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 32)
+    torch.testing.assert_close(out, attention.o_proj(reference), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_gradient_checkpointing_gives_same_gradients(kind):
+    ids = random_ids(2, 10)
+
+    def gradients(checkpointing: bool):
+        model = build(kind).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_save_load_round_trip_identical_logits(kind, tmp_path):
+    model = build(kind, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    ids = random_ids()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert {"configuration_ramanujan.py", "modeling_ramanujan.py", "initialization_ramanujan.py"} <= files
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    assert torch.equal(loaded(ids).logits, expected)
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_tied_embeddings_save_and_load(tmp_path):
+    model = build(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    loaded = RamanujanForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_remote_code_load_in_fresh_process(kind, tmp_path):
+    model = build(kind)
+    ids = random_ids()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    import json
+
+    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_ramanujan.RamanujanForCausalLM"
+    run_without_package(
+        f"""
+import torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)  # as the parent: matmul blocking (and so rounding) depends on the thread count
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+""",
+        cwd=tmp_path,
+    )
+
+
+def test_sequence_classification_pools_last_non_pad_token():
+    torch.manual_seed(0)
+    model = RamanujanForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids = random_ids(2, 8)
+    pad = model.config.pad_token_id
+    padded = ids.clone()
+    padded[0, 5:] = pad  # right padding: last real token at 4
+    out = model(padded, attention_mask=(padded != pad).long(), labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3)
+    alone = model(padded[:1, :5]).logits
+    torch.testing.assert_close(out.logits[:1], alone, rtol=1e-5, atol=1e-6)
+    assert out.loss.item() == pytest.approx(F.cross_entropy(out.logits, torch.tensor([0, 2])).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- mixture of experts
+
+
+def naive_moe_forward(block, x):
+    """Every token, one at a time, through its own top-k experts: the reference for the batched dispatch."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.zeros_like(flat)
+    experts = block.experts
+    for t in range(flat.shape[0]):
+        probs = torch.softmax(block.router(flat[t]), dim=-1)
+        weights, chosen = torch.topk(probs, block.top_k)
+        if block.norm_topk_prob:
+            weights = weights / weights.sum()
+        for w, e in zip(weights, chosen):
+            gate_up = experts.gate_up_proj[e] @ flat[t]
+            gate, up = gate_up.chunk(2)
+            out[t] += w * (experts.down_proj[e] @ (F.silu(gate) * up))
+        if block.shared_experts is not None:
+            out[t] += block.shared_experts(flat[t])
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_routing_matches_naive_loop(implementation, shared):
+    model = build("moe", num_shared_experts=shared)
+    model.set_experts_implementation(implementation)
+    block = model.model.layers[0].mlp
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), naive_moe_forward(block, x), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_drops_no_token_even_when_all_pick_one_expert():
+    model = build("moe", num_experts=4, num_experts_per_tok=1)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.router.weight.zero_()
+        block.router.weight[2, 0] = 1.0  # expert 2 wins for every token whose feature 0 > 0
+    x = torch.randn(2, 16, 32).abs()
+    with torch.no_grad():
+        out = block(x)
+        assert torch.all(out.abs().sum(-1) > 0)  # no token skipped, however unbalanced
+        torch.testing.assert_close(out, naive_moe_forward(block, x), rtol=1e-4, atol=1e-5)
+
+
+def test_load_balancing_loss_on_hand_made_logits():
+    # 4 tokens, 4 experts, top-2. Perfectly balanced: every expert chosen twice and mean prob 1/4 → loss 1.
+    balanced = torch.tensor(
+        [[5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0], [5.0, 0.0, 5.0, 0.0], [0.0, 5.0, 0.0, 5.0]]
+    )
+    assert load_balancing_loss((balanced,), top_k=2).item() == pytest.approx(1.0, rel=1e-6)
+    # Collapsed: every token picks experts 0 and 1 with prob p each; shares (1/2, 1/2, 0, 0).
+    collapsed = torch.tensor([[3.0, 3.0, 0.0, 0.0]] * 4)
+    p = math.exp(3) / (2 * math.exp(3) + 2)
+    assert load_balancing_loss((collapsed,), top_k=2).item() == pytest.approx(4 * (0.5 * p + 0.5 * p), rel=1e-6)
+    # Padding is left out: masking the collapsed rows of a mixed batch gives the balanced value.
+    mixed = torch.cat([balanced, collapsed])
+    mask = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    assert load_balancing_loss((mixed,), 2, mask).item() == pytest.approx(1.0, rel=1e-6)
+    # Layers are averaged.
+    both = load_balancing_loss((balanced, collapsed), 2).item()
+    assert both == pytest.approx((1.0 + 4 * p) / 2, rel=1e-6)
+
+
+def test_router_z_loss_on_hand_made_logits():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert router_z_loss((logits,)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_expert_load_counts_assignments():
+    logits = torch.tensor([[3.0, 2.0, 0.0], [3.0, 0.0, 2.0]])
+    load = expert_load((logits,), top_k=2)
+    assert load.tolist() == [[0.5, 0.25, 0.25]]
+
+
+def test_moe_loss_includes_aux_terms():
+    model = build("moe", router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    ids = random_ids()
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert len(out.router_logits) == model.config.num_hidden_layers
+    expected_aux = 0.5 * load_balancing_loss(out.router_logits, 2) + 0.25 * router_z_loss(out.router_logits)
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    lm_only = F.cross_entropy(out.logits[:, :-1].reshape(-1, 259), ids[:, 1:].reshape(-1))
+    assert out.loss.item() == pytest.approx(lm_only.item() + expected_aux.item(), rel=1e-5)
+    # without labels or the flag, no router work is returned
+    plain = model(ids)
+    assert plain.aux_loss is None and plain.router_logits is None
