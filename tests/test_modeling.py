@@ -171,14 +171,16 @@ def test_eager_attention_matches_naive_softmax():
     torch.testing.assert_close(out, attention.o_proj(reference), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_gradient_checkpointing_gives_same_gradients(kind):
+def test_gradient_checkpointing_gives_same_gradients(kind, enable):
     ids = random_ids(2, 10)
 
     def gradients(checkpointing: bool):
         model = build(kind).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            getattr(model, enable)()
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
         model(ids, labels=ids).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
