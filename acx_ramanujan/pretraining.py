@@ -1,0 +1,558 @@
+"""`acx-rt train`: pretrain a dense or mixture-of-experts Ramanujan decoder with Accelerate.
+
+The shape is Transformers' `examples/pytorch/language-modeling/run_clm_no_trainer.py` (same flag names, same
+checkpoint/resume recipe), run through Accelerate so the same script works with `python`, `accelerate launch`
+(DDP, FSDP, DeepSpeed; mixed precision from the launcher) and `--cpu --num_processes 2` (gloo).
+
+Recipe: text → byte (or BPE) tokens packed into blocks (`data.py`) → AdamW + schedule with gradient
+accumulation and clipping → evaluation (loss, perplexity, bits per byte; expert load for MoE) → checkpoints
+(`accelerator.save_state`, exact resume) → `save_pretrained` + tokenizer + model card.
+With no data flags it trains the `tiny` preset on Python's own help text, so it runs offline anywhere.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import typing
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
+
+from hub_cards import write_model_card
+
+from .configuration_ramanujan import RamanujanConfig
+from .data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
+from .metrics import load_metric
+from .modeling_ramanujan import RamanujanForCausalLM, expert_load
+from .tokenization_ramanujan import RamanujanByteTokenizer
+
+PROG = "acx-rt train"
+CHECKPOINT_PREFIX = "checkpoint-"
+METRICS_LOG = "metrics.jsonl"
+DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pretrain a Ramanujan decoder with Accelerate. Without data flags: the tiny preset on Python's "
+        "built-in help text (offline, a few minutes on a laptop CPU).",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_file", action="append", help="txt/json/jsonl/csv/parquet file (repeatable)")
+    data.add_argument("--validation_file", help="validation data; default: the tail of the training text")
+    data.add_argument("--validation_split_percentage", type=float, default=10,
+                      help="share of the training text (its tail) held out for validation when no validation file")
+    data.add_argument("--dataset_name", help="a Hub dataset (where the network allows)")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--text_column", default="text")
+    data.add_argument("--block_size", type=int, help="tokens per training block (default: min(1024, context))")
+    data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
+    model.add_argument("--config_overrides", help='config fields, e.g. "hidden_size=128,init_scheme=xavier"')
+    model.add_argument("--tokenizer_name", help="a saved tokenizer directory (e.g. a trained BPE); default: bytes")
+    model.add_argument("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--per_device_train_batch_size", type=int, default=8)
+    optim.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-3)
+    optim.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
+    optim.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine",
+                       choices=[kind.value for kind in SchedulerType], metavar="{linear,cosine,constant,...}")
+    optim.add_argument("--num_warmup_steps", type=int, default=0)
+    optim.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
+    optim.add_argument("--num_train_epochs", type=int, default=1)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    optim.add_argument("--seed", type=int, default=42)
+
+    run = parser.add_argument_group("outputs")
+    run.add_argument("--output_dir", default="ramanujan-tiny", help="where the model, checkpoints and logs go")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="start over in an output dir holding a run")
+    run.add_argument("--checkpointing_steps", type=int, help="save a checkpoint every N optimizer steps")
+    run.add_argument("--save_total_limit", type=int, help="keep only the newest N checkpoints")
+    run.add_argument("--resume_from_checkpoint", help="a checkpoint-STEP directory, or `latest` in --output_dir")
+    run.add_argument("--eval_steps", type=int, help="evaluate every N optimizer steps (always at the end)")
+    run.add_argument("--with_tracking", action="store_true", help="log to Accelerate trackers")
+    run.add_argument("--report_to", default="all", help="tracker(s): tensorboard, wandb, ... or all installed")
+    run.add_argument("--push_to_hub", action="store_true", help="push the output dir to the Hub at the end")
+    run.add_argument("--hub_model_id", help="repo id for --push_to_hub (e.g. user/ramanujan-tiny)")
+    run.add_argument("--hub_token", help="Hub token (default: the logged-in token)")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- checking inputs
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`"k=v,k=v"` → {field: typed value}; each value is parsed as its RamanujanConfig field's annotated type."""
+    if not text:
+        return {}
+    annotations = {field.name: field.type for field in fields(RamanujanConfig)}
+    overrides = {}
+    # Split on commas that start a new `name=`, so JSON values such as rope_parameters may hold commas.
+    for item in re.split(r",(?=\s*\w+\s*=)", text):
+        name, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not name:
+            raise ValueError(f"--config_overrides: {item!r} is not of the form key=value")
+        if name not in annotations:
+            raise ValueError(f"--config_overrides: unknown config field {name!r}")
+        overrides[name] = _parse_typed(name, raw, annotations[name])
+    return overrides
+
+
+def _parse_typed(name: str, raw: str, annotation) -> object:
+    """The first member of `annotation` (e.g. `int | None`) that `raw` parses as."""
+    kinds = [typing.get_origin(kind) or kind for kind in (typing.get_args(annotation) or (annotation,))]
+    if raw.lower() in ("none", "null") and type(None) in kinds:
+        return None
+    for kind in kinds:
+        if kind is bool and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        if kind in (int, float):
+            try:
+                return kind(raw)
+            except ValueError:
+                continue
+        if kind in (dict, list):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, kind):
+                return value
+        if kind is str:
+            return raw
+    expected = " | ".join(getattr(kind, "__name__", str(kind)) for kind in kinds)
+    raise ValueError(f"--config_overrides: {name}={raw!r} is not a valid {expected}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Errors a user can fix, found before any data is read."""
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_train_steps", "num_train_epochs", "checkpointing_steps", "eval_steps", "save_total_limit",
+                "block_size")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.learning_rate <= 0 or args.num_warmup_steps < 0 or args.max_grad_norm < 0 or args.weight_decay < 0:
+        raise ValueError("--learning_rate must be > 0; --num_warmup_steps, --max_grad_norm, --weight_decay >= 0")
+    if args.validation_file and not (args.train_file or args.dataset_name):
+        raise ValueError("--validation_file needs --train_file (or --dataset_name)")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file")
+    holds_run = output_dir.is_dir() and any(output_dir.iterdir())
+    if holds_run and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        raise ValueError(
+            f"--output_dir {output_dir} is not empty (another run?); pass --overwrite_output_dir, "
+            "--resume_from_checkpoint, or another directory"
+        )
+
+
+def find_checkpoint(spec: str, output_dir: Path) -> Path:
+    """`latest` → the highest checkpoint-STEP in output_dir; otherwise the given directory."""
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise ValueError(f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}STEP folder in {output_dir}")
+        return checkpoints[-1]
+    path = Path(spec)
+    if not (path / "custom_checkpoint_0.pkl").is_file():
+        raise ValueError(f"--resume_from_checkpoint {spec}: not a checkpoint folder written by {PROG}")
+    return path
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-STEP folders in output_dir, oldest first."""
+    pattern = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+    found = [(int(m.group(1)), path) for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if path.is_dir() and (m := pattern.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def load_tokenizer(name: str | None):
+    if name is None:
+        return RamanujanByteTokenizer()
+    if not Path(name).is_dir():
+        raise ValueError(f"--tokenizer_name {name}: not a directory holding a saved tokenizer")
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
+    config = RamanujanConfig.from_preset(args.config_name, **parse_config_overrides(args.config_overrides))
+    if len(tokenizer) != config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is {config.vocab_size}; "
+            f"add vocab_size={len(tokenizer)} to --config_overrides"
+        )
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if args.block_size is None:
+        args.block_size = min(1024, config.max_position_embeddings)
+    if args.block_size > config.max_position_embeddings:
+        raise ValueError(
+            f"--block_size {args.block_size} exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- training state
+
+
+@dataclass
+class Progress:
+    """What a checkpoint needs beyond model/optimizer/scheduler/RNG to resume exactly (saved by save_state)."""
+
+    completed_steps: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"completed_steps": self.completed_steps, "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.completed_steps, self.tokens_seen, self.train_seconds = (
+            state["completed_steps"], state["tokens_seen"], state["train_seconds"])
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+class MetricsLog:
+    """`output_dir/metrics.jsonl`: one JSON object per logged step or evaluation (main process only)."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None):
+        self.accelerator, self.path = accelerator, path
+        if accelerator.is_main_process:
+            kept = []
+            if resume_step is not None and path.is_file():
+                # Drop what the interrupted run logged after its checkpoint: the resumed run logs it again.
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, path)
+
+    def log(self, step: int, values: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as stream:
+                stream.write(json.dumps({"step": step, **values}) + "\n")
+        scalars = {name: value for name, value in values.items() if isinstance(value, (int, float))}
+        self.accelerator.log(scalars, step=step)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
+    """`accelerator.save_state` into a temporary folder renamed to checkpoint-STEP; prune to the newest N."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    partial = output_dir / f".{final.name}.partial"
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if save_total_limit:
+            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@contextmanager
+def stop_requests(accelerator: Accelerator):
+    """SIGTERM / Ctrl-C set Accelerate's cross-process trigger; the loop checks it after each optimizer step."""
+    received: list[int] = []
+
+    def request_stop(signum, frame):
+        received.append(signum)
+        accelerator.set_trigger()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def count_predicted_bytes(dataset, tokenizer) -> int:
+    """UTF-8 bytes of the tokens the model predicts (every block but its first token), for bits per byte."""
+    texts = tokenizer.batch_decode([ids[1:] for ids in dataset["labels"]], skip_special_tokens=False)
+    return sum(len(text.encode("utf-8")) for text in texts)
+
+
+@torch.no_grad()
+def evaluate_model(accelerator, model, dataloader, num_bytes: int, config: RamanujanConfig) -> dict:
+    """Token-weighted loss, perplexity and bits per byte over the validation blocks; expert load for MoE.
+
+    The NLL is the plain next-token cross-entropy (the MoE auxiliary losses are left out).
+    """
+    model.eval()
+    metric = load_metric("perplexity")
+    load_sum, load_batches = None, 0
+    for batch in dataloader:
+        outputs = model(input_ids=batch["input_ids"], output_router_logits=config.is_moe)
+        logits, targets = outputs.logits[:, :-1].float(), batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(dim=1)
+        predicted = torch.full_like(nll, targets.shape[1], dtype=torch.long)
+        nll, predicted = accelerator.gather_for_metrics((nll, predicted))
+        metric.add_batch(predictions=nll.tolist(), references=predicted.tolist())
+        if config.is_moe:
+            load = expert_load(outputs.router_logits, config.num_experts_per_tok)
+            load_sum = load if load_sum is None else load_sum + load
+            load_batches += 1
+    model.train()
+    result = metric.compute(num_bytes=num_bytes)
+    results = {"eval_loss": result["loss"], "perplexity": result["perplexity"],
+               "bits_per_byte": result["bits_per_byte"]}
+    if config.is_moe:
+        mean_load = accelerator.reduce(load_sum / load_batches, reduction="mean")
+        results["expert_load"] = [[round(share, 6) for share in row] for row in mean_load.tolist()]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and expert tensors only, not on norms (nanoGPT's `configure_optimizers`)."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
+
+
+def hyperparameters(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    keys = ("config_name", "config_overrides", "block_size", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "learning_rate", "weight_decay", "num_warmup_steps", "max_train_steps",
+            "max_grad_norm", "seed")
+    values = {key: getattr(args, key) for key in keys}
+    values["lr_scheduler_type"] = SchedulerType(args.lr_scheduler_type).value
+    values["num_processes"] = accelerator.num_processes
+    values["mixed_precision"] = accelerator.mixed_precision
+    values["global_batch_tokens"] = (args.block_size * args.per_device_train_batch_size
+                                     * args.gradient_accumulation_steps * accelerator.num_processes)
+    return values
+
+
+def hardware(accelerator: Accelerator) -> str:
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    return f"{accelerator.num_processes} process(es), {name}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        run = prepare(args)
+    except (ValueError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return train(args, *run)
+
+
+def prepare(args: argparse.Namespace):
+    """Everything that can fail on bad input: tokenizer, config, data; then the Accelerate objects."""
+    output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    tokenizer = load_tokenizer(args.tokenizer_name)
+    config = build_config(args, tokenizer)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # Seeded data order that checkpoints can restore (SeedableRandomSampler, epoch-dependent seed).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # The schedule advances once per optimizer step, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=str(output_dir),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
+    )
+    set_seed(args.seed)
+    with accelerator.main_process_first():
+        if args.train_file or args.dataset_name:
+            raw = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
+                                    args.dataset_name, args.dataset_config_name, args.text_column)
+        else:
+            raw = text_to_dataset(default_corpus_text(), args.validation_split_percentage)
+        blocks = tokenize_and_pack(raw, tokenizer, args.block_size, num_proc=args.preprocessing_num_workers)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and not resume_path:
+            for stale in list_checkpoints(output_dir):
+                shutil.rmtree(stale)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return accelerator, tokenizer, config, blocks, resume_path
+
+
+def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, blocks, resume_path: Path | None) -> int:
+    output_dir = Path(args.output_dir)
+    model = RamanujanForCausalLM(config)
+    blocks.set_format("torch")
+    train_dataloader = DataLoader(blocks["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
+                                  collate_fn=default_data_collator)
+    eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
+                                 collate_fn=default_data_collator)
+    eval_bytes = count_predicted_bytes(blocks["validation"], tokenizer)
+
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, make_optimizer(model, args), train_dataloader, eval_dataloader)
+    # The last batches of an epoch form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps))
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        accelerator.print(f"Resumed from {resume_path} at step {progress.completed_steps}")
+    start_step = progress.completed_steps
+    start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, start_step if resume_path else None)
+    if args.with_tracking:
+        accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                          for k, v in hyperparameters(args, accelerator).items()})
+
+    tokens_per_step = args.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+        * accelerator.num_processes
+    accelerator.print(
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
+        f"{args.block_size} tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"
+    )
+    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
+    eval_results, last_eval_step, step_loss = {}, None, torch.zeros((), device=accelerator.device)
+    with stop_requests(accelerator) as received:
+        for epoch in range(start_epoch, num_epochs):
+            train_dataloader.set_epoch(epoch)
+            batches = train_dataloader
+            if epoch == start_epoch and step_in_epoch:
+                batches = accelerator.skip_first_batches(train_dataloader, step_in_epoch * args.gradient_accumulation_steps)
+            step_start = time.perf_counter()
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                step_loss += loss.detach() / args.gradient_accumulation_steps
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                seconds = time.perf_counter() - step_start
+                progress.completed_steps += 1
+                progress.tokens_seen += tokens_per_step
+                progress.train_seconds += seconds
+                step = progress.completed_steps
+                train_loss = accelerator.reduce(step_loss, reduction="mean").item()
+                step_loss.zero_()
+                lr = lr_scheduler.get_last_lr()[0]
+                metrics_log.log(step, {"loss": train_loss, "learning_rate": lr, "tokens_per_second": tokens_per_step / seconds})
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+
+                if args.eval_steps and step % args.eval_steps == 0:
+                    eval_results, last_eval_step = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config), step
+                    metrics_log.log(step, eval_results)
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, output_dir, step, args.save_total_limit)
+                if accelerator.check_trigger():
+                    path = save_checkpoint(accelerator, output_dir, step, args.save_total_limit)
+                    bar.close()
+                    signum = received[0] if received else signal.SIGTERM
+                    accelerator.print(f"Stopped by {signal.Signals(signum).name}; resume with "
+                                      f"--resume_from_checkpoint {path}")
+                    accelerator.end_training()
+                    return 128 + signum
+                if step >= args.max_train_steps:
+                    break
+                step_start = time.perf_counter()
+            if progress.completed_steps >= args.max_train_steps:
+                break
+    bar.close()
+
+    if last_eval_step != progress.completed_steps:
+        eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
+        metrics_log.log(progress.completed_steps, eval_results)
+    save_final(args, accelerator, model, tokenizer, eval_results, progress)
+    accelerator.end_training()
+    return 0
+
+
+def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: dict, progress: Progress) -> None:
+    """Model (safetensors + remote code), tokenizer, results and model card, staged then moved into output_dir."""
+    output_dir = Path(args.output_dir)
+    stage = output_dir / ".final.partial"
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=accelerator.get_state_dict(model))
+    if not accelerator.is_main_process:
+        return
+    tokenizer.save_pretrained(stage)
+    train_results = {
+        "train_steps": progress.completed_steps,
+        "train_tokens": progress.tokens_seen,
+        "train_runtime_s": round(progress.train_seconds, 3),
+        "train_tokens_per_second": progress.tokens_seen / max(progress.train_seconds, 1e-9),
+    }
+    write_json(stage / "eval_results.json", eval_results)
+    write_json(stage / "all_results.json", {**train_results, **eval_results})
+    for item in stage.iterdir():
+        os.replace(item, output_dir / item.name)
+    stage.rmdir()
+    dataset = args.dataset_name or ", ".join(Path(f).name for f in args.train_file or []) or DEFAULT_CORPUS_NAME
+    write_model_card(output_dir, unwrapped.config, eval_results=eval_results, dataset_name=dataset, training={
+        "steps": progress.completed_steps,
+        "tokens": progress.tokens_seen,
+        "wall_time_s": round(progress.train_seconds, 1),
+        "hardware": hardware(accelerator),
+        "hyperparameters": hyperparameters(args, accelerator),
+    })
+    accelerator.print(f"Saved the model, tokenizer and model card to {output_dir}: eval_loss "
+                      f"{eval_results['eval_loss']:.4f}, bits per byte {eval_results['bits_per_byte']:.4f}")
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {progress.completed_steps} steps")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
