@@ -1,0 +1,58 @@
+"""Writing study outputs: atomic JSON / markdown / PNG files and small markdown tables.
+
+Every file is written under a temporary name and renamed, so an interrupted run leaves nothing half-written.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def save_figure(figure, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(temporary, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse_name_list(text: str, valid: tuple[str, ...], what: str) -> list[str]:
+    """'a,b' → ['a', 'b'], each checked against `valid` (ValueError naming the bad one and listing the valid)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"no {what} given")
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(valid)}")
+    return names
