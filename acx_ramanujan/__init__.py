@@ -13,6 +13,7 @@ from .modeling_ramanujan import (
     RamanujanModel,
     RamanujanPreTrainedModel,
 )
+from .bpe import train_bpe_tokenizer
 from .tokenization_ramanujan import RamanujanByteTokenizer
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "RamanujanPreTrainedModel",
     "ramanujan_coefficients",
     "ramanujan_layer_scales",
+    "train_bpe_tokenizer",
 ]
