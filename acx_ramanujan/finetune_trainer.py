@@ -1,0 +1,232 @@
+"""The Trainer side shared by the fine-tuning commands (causal LM and sequence classification).
+
+- `ModelArguments`: the checkpoint to start from.
+- `load_checkpoint_config` / `load_tokenizer`: fail before any work when the checkpoint cannot be fine-tuned.
+- `check_columns`: the data has the named text columns, as text, without nulls.
+- `ExpertLoadTrainer`: the Transformers `Trainer`, plus the MoE expert load in every training log.
+- `run_cli`: parse (HfArgumentParser over our dataclasses and `TrainingArguments`, so every Trainer flag works),
+  build the trainer (all checks happen here: bad input gives one line on stderr and exit status 1), then
+  train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model.
+"""
+
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+
+from hub_cards import write_model_card
+
+from .lora import LoraArguments, save_merged
+from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "The checkpoint to fine-tune: a local directory or a Hub id."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer directory or Hub id, if not the one saved with the model."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub checkpoint (needed for models not installed here)."}
+    )
+
+
+def load_checkpoint_config(model_args: ModelArguments, auto_class, head: str):
+    """The checkpoint's config, after checking that `auto_class` (e.g. AutoModelForCausalLM) can build it.
+
+    `head` names the wanted model kind in the error ("causal-LM", "sequence-classification").
+    """
+    path = model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"cannot load a model config from {path!r}: {reason}") from error
+    remote_classes = getattr(config, "auto_map", None) or {}
+    if type(config) not in auto_class._model_mapping and auto_class.__name__ not in remote_classes:
+        raise ValueError(
+            f"{path!r} is a {config.model_type!r} checkpoint, which has no {head} model; "
+            f"start from a Ramanujan checkpoint or another {head} model"
+        )
+    return config
+
+
+def load_tokenizer(model_args: ModelArguments, config):
+    """The tokenizer saved with the checkpoint (or --tokenizer_name); its ids must fit the model's vocabulary."""
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"cannot load a tokenizer from {source!r} ({reason}); pass --tokenizer_name") from error
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer from {source!r} has {len(tokenizer)} tokens but the model's vocabulary holds {vocab_size}"
+        )
+    return tokenizer
+
+
+def check_columns(raw_datasets: DatasetDict, columns: list[str], text_columns: list[str]) -> None:
+    """Every split has `columns`, none of them holds a null, and each of `text_columns` holds strings."""
+    for split, dataset in raw_datasets.items():
+        for column in columns:
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"the {split} data has no column {column!r} (columns: {', '.join(dataset.column_names)})"
+                )
+            nulls = dataset.with_format("arrow")[column].null_count
+            if nulls:
+                raise ValueError(
+                    f"the {split} data has {nulls} null value(s) in column {column!r}; drop or fill those rows"
+                )
+        for column in text_columns:
+            dtype = getattr(dataset.features[column], "dtype", None)
+            if dtype not in ("string", "large_string"):
+                raise ValueError(f"column {column!r} of the {split} data holds {dataset.features[column]}, not text")
+
+
+class ExpertLoadMeter:
+    """Share of top-k assignments per expert of each MoE layer, averaged over training forwards since the last read.
+
+    Forward hooks on the routers see every training batch (padding positions included); evaluation forwards
+    are not counted. Reads `(expert_load_max, expert_load_min)`: 1/num_experts each at perfect balance.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        blocks = [module for module in model.modules() if isinstance(module, RamanujanSparseMoeBlock)]
+        self.sums: list[torch.Tensor | None] = [None] * len(blocks)
+        self.counts = [0] * len(blocks)
+        for index, block in enumerate(blocks):
+            block.router.register_forward_hook(self._recorder(index, block.top_k))
+
+    def _recorder(self, index: int, top_k: int):
+        def record(router, inputs, router_logits):
+            if router.training:
+                load = expert_load((router_logits.detach(),), top_k)[0]
+                self.sums[index] = load if self.sums[index] is None else self.sums[index] + load
+                self.counts[index] += 1
+
+        return record
+
+    def read_and_reset(self) -> dict[str, float]:
+        loads = [total / count for total, count in zip(self.sums, self.counts) if count]
+        self.sums, self.counts = [None] * len(self.sums), [0] * len(self.counts)
+        if not loads:
+            return {}
+        loads = torch.stack(loads)
+        return {"expert_load_max": loads.max().item(), "expert_load_min": loads.min().item()}
+
+
+class ExpertLoadTrainer(Trainer):
+    """`Trainer` whose training logs also carry `expert_load_max` / `expert_load_min` for MoE models.
+
+    `Trainer.log` is the documented override point: a callback's `on_log` runs after the log is recorded.
+    The MoE router losses need no code here: the model adds them to `loss` whenever labels are given.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expert_load_meter = ExpertLoadMeter(self.model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self.expert_load_meter.read_and_reset())
+        super().log(logs, start_time)
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def write_card(directory: Path, model, eval_results: dict, train_metrics: dict, training_args, model_args, dataset_name):
+    """README.md model card for Ramanujan checkpoints (hub_cards); other architectures keep Trainer's files only."""
+    config = model.config
+    if config.model_type != "ramanujan":
+        return
+    config.architectures = [type(model).__name__]
+    source = model_args.model_name_or_path
+    training = {
+        "steps": train_metrics.get("global_step"),
+        "wall_time_s": train_metrics.get("train_runtime"),
+        "hardware": hardware_name(training_args.device),
+        "hyperparameters": {
+            "model_name_or_path": source,
+            "learning_rate": training_args.learning_rate,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "seed": training_args.seed,
+        },
+    }
+    # The card's `base_model` must be a Hub id; a local directory is recorded among the hyperparameters only.
+    base_model = None if Path(source).exists() else source
+    write_model_card(directory, config, eval_results=eval_results, training=training, dataset_name=dataset_name, base_model=base_model)
+
+
+def train_evaluate_save(trainer: Trainer, model_args, lora_args: LoraArguments, dataset_name: str | None) -> dict:
+    """Train (resuming when asked), save, evaluate into eval_results.json, write the card and the merged model."""
+    args = trainer.args
+    output_dir = Path(args.output_dir)
+    train_metrics, eval_metrics = {}, {}
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        train_metrics = {**result.metrics, "global_step": result.global_step}
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if not trainer.is_world_process_zero():
+        return eval_metrics
+    # With LoRA the card describes the base architecture the adapters belong to (the merged model is that object).
+    card_model = trainer.model.get_base_model() if lora_args.use_lora else trainer.model
+    if args.do_train:
+        write_card(output_dir, card_model, eval_metrics, train_metrics, args, model_args, dataset_name)
+    if lora_args.merge_lora:
+        merged_dir = save_merged(trainer.model, trainer.processing_class, output_dir / "merged")
+        write_card(merged_dir, card_model, eval_metrics, train_metrics, args, model_args, dataset_name)
+    return eval_metrics
+
+
+def parse_arguments(data_arguments_class: type, argv: list[str], prog: str):
+    """HfArgumentParser over (ModelArguments, data arguments, LoraArguments, TrainingArguments).
+
+    A single `.json` argument is read as a file of arguments, as in Transformers' example scripts. Without
+    --do_train or --do_eval, both are on. --output_dir is required: the fine-tuned model is written there.
+    """
+    parser = HfArgumentParser((ModelArguments, data_arguments_class, LoraArguments, TrainingArguments), prog=prog)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(json_file=argv[0])
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, lora_args, training_args = parsed
+    if training_args.output_dir is None:
+        raise ValueError("--output_dir is required")
+    if not (training_args.do_train or training_args.do_eval):
+        training_args.do_train = training_args.do_eval = True
+    return model_args, data_args, lora_args, training_args
+
+
+def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: Callable[..., Trainer], prog: str) -> int:
+    """Parse, build the trainer (every input check), then train/evaluate/save. Bad input: one line, exit 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        model_args, data_args, lora_args, training_args = parse_arguments(data_arguments_class, argv, prog)
+        trainer = build_trainer(model_args, data_args, lora_args, training_args)
+    except (ValueError, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    train_evaluate_save(trainer, model_args, lora_args, data_args.dataset_label)
+    return 0
