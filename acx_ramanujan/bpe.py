@@ -132,7 +132,7 @@ def _renumbered_like_byte_tokenizer(trained: Tokenizer) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(merge) for merge in trained_model["merges"]]))
     tokenizer.pre_tokenizer = trained.pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS.values()])
+    tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in SPECIAL_TOKENS.values()])
     bos = SPECIAL_TOKENS["bos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
@@ -163,7 +163,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     train.add_argument("--dataset_split", default="train", help="the dataset split to train on (default: train)")
     train.add_argument("--text_column", default="text", help="the dataset column holding the text (default: text)")
     train.add_argument("--vocab_size", type=int, required=True,
-                       help=f"total vocabulary including the 256 bytes and 3 special tokens (at least {MIN_VOCAB_SIZE})")
+                       help=f"total vocabulary: 256 bytes + 3 special tokens + merges (at least {MIN_VOCAB_SIZE})")
     train.add_argument("--min_frequency", type=int, default=2, help="merge only pairs seen this often (default: 2)")
     train.add_argument("--output_dir", required=True, help="where tokenizer.json and tokenizer_config.json go")
     return parser.parse_args(argv)

@@ -46,10 +46,11 @@ def _check_encodable(text, argument: str) -> None:
 
 
 class RamanujanByteTokenizer(PreTrainedTokenizer):
-    """Byte-level tokenizer: one id per UTF-8 byte, plus `<pad>`, `<s>` and `<s/>` (ids 256, 257, 258).
+    """Byte-level tokenizer: one id per UTF-8 byte, plus `<pad>`, `<s>` and `</s>` (ids 256, 257, 258).
 
     - `decode(encode(s, add_special_tokens=False)) == s` for every string.
-    - `add_special_tokens=True` (the default of `__call__` and `encode`) puts `<s>` in front, as Llama does.
+    - `add_special_tokens=True` (the default of `__call__` and `encode`) puts `<s>` in front, as Llama does
+      (`special_tokens_pattern="bos"`; PreTrainedTokenizer's other patterns, e.g. "bos_eos" or "none", also work).
     - Special-token text typed in the input (the literal string "</s>") is encoded as its bytes, not as the special
       token: `split_special_tokens` defaults to True here. Pass `split_special_tokens=False` to parse the special and
       added tokens' text into their ids.
@@ -156,7 +157,8 @@ class RamanujanByteTokenizer(PreTrainedTokenizer):
         if text_pair is not None:
             _check_encodable(text_pair, "text_pair")
         if kwargs.pop("sanitize_control_tokens", False):
-            text = self._encode_marked_chat(text) if isinstance(text, str) else list(map(self._encode_marked_chat, text))
+            encode_chat = self._encode_marked_chat
+            text = encode_chat(text) if isinstance(text, str) else [encode_chat(chat) for chat in text]
         return super()._encode_plus(text, text_pair, **kwargs)
 
     # --- decoding -------------------------------------------------------------------------------------------------
@@ -176,7 +178,9 @@ class RamanujanByteTokenizer(PreTrainedTokenizer):
             text = self._decode_mixed(token_ids, skip_special_tokens)
         except TypeError:
             raise TypeError(f"RamanujanByteTokenizer.decode expects integer token ids, got {token_ids!r:.80}") from None
-        if clean_up_tokenization_spaces if clean_up_tokenization_spaces is not None else self.clean_up_tokenization_spaces:
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces:
             text = self.clean_up_tokenization(text)
         return text
 
