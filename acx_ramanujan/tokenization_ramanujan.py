@@ -15,7 +15,6 @@ than `transformers.ByT5Tokenizer` (numbers in docs/benchmarks.md).
 import re
 
 from transformers import AddedToken, PreTrainedTokenizer
-from transformers.utils.chat_template_utils import _get_control_token_patterns
 
 BYTE_VOCAB_SIZE = 256
 
@@ -112,8 +111,12 @@ class RamanujanByteTokenizer(PreTrainedTokenizer):
         return list(text.encode("utf-8").decode("latin-1"))
 
     def tokenize(self, text: str, **kwargs) -> list[str]:
-        """Byte tokens of `text`; with `split_special_tokens=False`, added tokens' text becomes those tokens."""
-        _check_encodable(text, "text")
+        """Byte tokens of `text`; with `split_special_tokens=False`, added tokens' text becomes those tokens.
+
+        Added tokens are matched literally: their lstrip / rstrip / single_word flags are not applied.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"RamanujanByteTokenizer.tokenize expects a str, got {type(text).__name__}")
         if kwargs.get("split_special_tokens", self.split_special_tokens) or not self._added_tokens_encoder:
             return self._byte_tokens(text)
         tokens = []
@@ -144,6 +147,10 @@ class RamanujanByteTokenizer(PreTrainedTokenizer):
         transformers' `encode_marked_chat` relies on the tokenizer parsing special tokens by default, which this
         one does not; here the template's text is parsed and the marked (user-typed) control tokens stay bytes.
         """
+        # Imported here, not at the top: this private helper exists only in the transformers versions that have
+        # `sanitize_control_tokens` (the only caller), and the module must load with older ones too.
+        from transformers.utils.chat_template_utils import _get_control_token_patterns
+
         _, markers_regex = _get_control_token_patterns(tuple(self._added_tokens_encoder))
         ids = []
         # Splitting alternates template text (even places) and marked user tokens or lone markers (odd places).

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import TINY_SHAKESPEARE, tiny_config
 from test_tokenization import BOS, EOS, HARD_STRINGS, PAD
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -60,6 +61,7 @@ def test_reloads_with_auto_tokenizer_and_no_remote_code(trained, corpus):
     tokenizer, output_dir = trained
     config = json.loads((output_dir / "tokenizer_config.json").read_text())
     assert "auto_map" not in config and (output_dir / "tokenizer.json").is_file()
+    assert hasattr(transformers, config["tokenizer_class"])  # a class Transformers itself provides
     loaded = AutoTokenizer.from_pretrained(output_dir)
     assert isinstance(loaded, PreTrainedTokenizerFast) and len(loaded) == VOCAB_SIZE
     sample = corpus.read_text()[:5000]

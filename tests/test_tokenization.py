@@ -187,6 +187,11 @@ def test_bytes_input_hints_at_decoding(tokenizer):
         tokenizer.encode(b"abc")
 
 
+def test_tokenize_of_non_string_raises_type_error(tokenizer):
+    with pytest.raises(TypeError, match="tokenize expects a str, got list"):
+        tokenizer.tokenize(["a"])
+
+
 def test_decode_of_non_integer_ids_raises_type_error(tokenizer):
     with pytest.raises(TypeError, match="expects integer token ids"):
         tokenizer.decode("abc")
@@ -248,6 +253,13 @@ def test_save_and_load_with_auto_tokenizer(tmp_path):
     assert loaded.split_special_tokens is True
     for text in HARD_STRINGS:
         assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_a_chosen_special_tokens_pattern_survives_save_and_load(tmp_path):
+    tokenizer = RamanujanByteTokenizer(special_tokens_pattern="bos_eos")
+    assert tokenizer("a")["input_ids"] == [BOS, 97, EOS]
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("a")["input_ids"] == [BOS, 97, EOS]
 
 
 def test_auto_tokenizer_follows_a_ramanujan_config(tmp_path):
