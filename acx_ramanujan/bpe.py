@@ -95,8 +95,8 @@ def _check_files(files: list[Path]) -> None:
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise ValueError(
-            f"missing training file(s): {', '.join(missing)} (to train on texts in memory, pass an iterator: "
-            "iter(texts))"
+            f"missing training file(s): {', '.join(missing)} (a list is read as file paths; to train on texts in "
+            "memory, pass an iterator: iter(texts))"
         )
     if all(path.stat().st_size == 0 for path in files):
         raise ValueError(f"empty corpus: every training file is empty ({', '.join(map(str, files))})")

@@ -147,8 +147,8 @@ class RamanujanByteTokenizer(PreTrainedTokenizer):
         transformers' `encode_marked_chat` relies on the tokenizer parsing special tokens by default, which this
         one does not; here the template's text is parsed and the marked (user-typed) control tokens stay bytes.
         """
-        # Imported here, not at the top: this private helper exists only in the transformers versions that have
-        # `sanitize_control_tokens` (the only caller), and the module must load with older ones too.
+        # Imported where used: a private helper of the recent `sanitize_control_tokens` feature (this method's only
+        # caller), so loading the tokenizer never depends on it.
         from transformers.utils.chat_template_utils import _get_control_token_patterns
 
         _, markers_regex = _get_control_token_patterns(tuple(self._added_tokens_encoder))
