@@ -31,6 +31,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 # Checkpoints, logs and optimizer state stay local (`*/*` skips every subfolder).
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "README.md", "*.jinja", "*.txt"]
 IGNORE_PATTERNS = ["*/*"]
+# Weights of an earlier push that this one does not overwrite are deleted in the same commit: Transformers
+# prefers model.safetensors over an index, so a stale single file would shadow newly sharded weights.
+STALE_WEIGHT_PATTERNS = ["*.safetensors", WEIGHTS_INDEX]
 
 
 def push_to_hub(
@@ -75,6 +78,7 @@ def push_to_hub(
         commit_message=commit_message or f"Upload {output_dir.resolve().name} with acx-rt push",
         allow_patterns=UPLOAD_PATTERNS,
         ignore_patterns=IGNORE_PATTERNS,
+        delete_patterns=STALE_WEIGHT_PATTERNS,
     )
 
 

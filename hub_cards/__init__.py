@@ -58,8 +58,10 @@ def write_model_card(
     architecture = (config.architectures or ["RamanujanForCausalLM"])[0]
     pipeline_tag = PIPELINE_TAGS.get(architecture, "text-generation")
     metrics = scalar_metrics(eval_results)
+    model_name = output_dir.resolve().name
+    eval_entries = eval_result_entries(metrics, pipeline_tag, dataset_name)
     card_data = ModelCardData(
-        model_name=output_dir.resolve().name,
+        model_name=model_name if eval_entries else None,  # only `model-index` uses it
         library_name="transformers",
         pipeline_tag=pipeline_tag,
         license=LICENSE,
@@ -67,7 +69,7 @@ def write_model_card(
         datasets=[dataset_name] if dataset_name else None,
         base_model=base_model,
         metrics=[name for name in metrics if name in QUALITY_METRICS] or None,
-        eval_results=eval_result_entries(metrics, pipeline_tag, dataset_name) or None,
+        eval_results=eval_entries or None,
     )
     template = "moe.md" if config.is_moe else "dense.md"
     environment = jinja2.Environment(
@@ -75,7 +77,7 @@ def write_model_card(
     )
     content = environment.get_template(template).render(
         card_data=card_data.to_yaml(),
-        model_name=card_data.model_name,
+        model_name=model_name,
         architecture=architecture,
         pipeline_tag=pipeline_tag,
         dataset_name=dataset_name,

@@ -14,18 +14,17 @@ It implements the requests `huggingface_hub` 2.4 makes (read from its source: `h
   GET  /api/models/{repo}[/revision/{revision}]        model_info / repo_info, with the file list
   GET  /api/models/{repo}/tree/{revision}[/{path}]     list_repo_tree
   HEAD/GET /{repo}/resolve/{revision}/{path}           file metadata (ETag = git blob sha1, X-Repo-Commit,
-                                                       Content-Length) and content, with Range for resumes
+                                                       Content-Length) and content
 
 Every commit is kept (a full snapshot of the files), so any commit sha is a revision. Writes need a known
 token (401 otherwise); private repos are invisible (404 RepoNotFound, as on the Hub) without one.
-`fail_next_download(path, after_bytes)` makes the emulator go away half-way through a file: it sends
-`after_bytes` of the body, drops the connection and stops answering until `start()` is called again.
+`fail_next_download(path, after_bytes)` drops the connection after `after_bytes` of that file's body; with
+`go_away=True` the emulator then stops answering until `start()` is called again.
 """
 
 import base64
 import hashlib
 import json
-import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,9 +67,9 @@ class Repo:
 class HubError(Exception):
     """An error response: status, the Hub's X-Error-Code (which the client maps to exception types), message."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None, body: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.commit = status, message, code, commit
+        self.status, self.message, self.code, self.commit, self.body = status, message, code, commit, body or {}
 
 
 class HubEmulator:
@@ -79,12 +78,12 @@ class HubEmulator:
     def __init__(self, tokens: tuple[str, ...] = ("hf_emulator_write_token",), port: int = 0):
         self.tokens = set(tokens)
         self.repos: dict[str, Repo] = {}
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str]] = []  # method, path
         self.lock = threading.RLock()
         self.port = port
         self.server: ThreadingHTTPServer | None = None
         self.gone = threading.Event()
-        self.failure: tuple[str, int] | None = None
+        self.failure: tuple[str, int, bool] | None = None
 
     @property
     def url(self) -> str:
@@ -111,9 +110,10 @@ class HubEmulator:
             server.shutdown()
             server.server_close()
 
-    def fail_next_download(self, path: str, after_bytes: int) -> None:
-        """The next GET of `path` sends `after_bytes` of the body, then the emulator goes away (see `stop`)."""
-        self.failure = (path, after_bytes)
+    def fail_next_download(self, path: str, after_bytes: int, go_away: bool) -> None:
+        """The next GET of `path` sends `after_bytes` of the body and drops the connection; then, with `go_away`,
+        the emulator stops (see `stop`), else it keeps serving (the client retries)."""
+        self.failure = (path, after_bytes, go_away)
 
     # -- repository operations, shared by the handler ------------------------------------------------------------
 
@@ -133,7 +133,8 @@ class HubEmulator:
         repo_id = f"{organization or USER}/{name}"
         with self.lock:
             if repo_id in self.repos:
-                raise HubError(409, "You already created this model repo", None)
+                # The Hub's 409 still carries the url; create_repo(exist_ok=True) reads it.
+                raise HubError(409, "You already created this model repo", body={"url": f"{self.url}/{repo_id}"})
             repo = Repo(repo_id, private)
             # The Hub starts every repo with a commit holding .gitattributes.
             initial = repo.commit(None, "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
@@ -208,7 +209,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = error.code
             if error.commit:
                 headers["X-Repo-Commit"] = error.commit
-            self.send_json({"error": error.message}, status=error.status, headers=headers)
+            self.send_json({"error": error.message, **error.body}, status=error.status, headers=headers)
 
     def token(self) -> str | None:
         authorization = self.headers.get("Authorization", "")
@@ -243,7 +244,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if s[:3] == ["api", "repos", "create"] and method == "POST":
             self.require_token()
             payload = json.loads(self.body)
-            repo_id = self.hub.create_repo(payload["name"], payload.get("organization"), bool(payload.get("private")))
+            private = payload.get("visibility") == "private" or payload.get("private") is True  # 2.x sends visibility
+            repo_id = self.hub.create_repo(payload["name"], payload.get("organization"), private)
             return self.send_json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
         if s[:2] == ["api", "models"] and len(s) >= 4:
             return self.route_model_api(f"{s[2]}/{s[3]}", s[4:])
@@ -329,17 +331,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if path not in commit.files:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", commit.sha)
         content = commit.files[path]
-        start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        if match and self.command == "GET":
-            start = int(match.group(1))
-        body = content[start:]
-        self.send_response(206 if start else 200)
+        # Range requests get the whole file (200): the client's resume path accepts that and starts over.
+        self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+        self.send_header("Content-Length", str(len(content)))
         self.send_header("ETag", f'"{git_blob_sha1(content)}"')
         self.send_header("X-Repo-Commit", commit.sha)
         self.end_headers()
@@ -347,11 +342,13 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return
         failure = self.hub.failure
         if failure is not None and failure[0] == path:
+            _, after_bytes, go_away = failure
             self.hub.failure = None
-            self.hub.gone.set()
-            self.wfile.write(body[: failure[1]])
+            if go_away:
+                self.hub.gone.set()
+                threading.Thread(target=self.hub.stop, daemon=True).start()
+            self.wfile.write(content[:after_bytes])
             self.wfile.flush()
             self.close_connection = True
-            threading.Thread(target=self.hub.stop, daemon=True).start()
             return
-        self.wfile.write(body)
+        self.wfile.write(content)

@@ -1,0 +1,326 @@
+"""Hub sharing end to end through the genuine huggingface_hub client, against the local emulator (tests/hub_emulator.py).
+
+Every test name contains "hub", so `pytest -k hub` runs them all.
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE into `constants` when it is imported (conftest sets
+HF_HUB_OFFLINE=1 for the whole session), so in this process the `hub` fixture points those constants at the
+emulator; the fresh process that pulls gets HF_ENDPOINT in its environment instead.
+"""
+
+import itertools
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import run_without_package, tiny_config, tiny_moe_config
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from hub_emulator import HubEmulator
+from transformers import AutoModelForCausalLM
+
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM
+from acx_ramanujan.cli import main as acx_rt
+from acx_ramanujan.hub import push_to_hub
+from hub_cards import write_model_card
+
+TOKEN = "hf_emulator_write_token"
+PROMPT = "To be, or not"
+
+
+def point_client_at(emulator: HubEmulator, monkeypatch) -> None:
+    monkeypatch.setattr(constants, "ENDPOINT", emulator.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", emulator.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    hub = HubEmulator(tokens=(TOKEN,)).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub(emulator, monkeypatch):
+    point_client_at(emulator, monkeypatch)
+    return emulator
+
+
+def save_run(directory, config, seed: int, max_shard_size: str | None = None):
+    """What the training scripts leave in an output dir: model (remote code), tokenizer, card."""
+    torch.manual_seed(seed)
+    model = RamanujanForCausalLM(config)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    RamanujanByteTokenizer().save_pretrained(directory)
+    write_model_card(directory, config, eval_results={"eval_loss": 5.4, "perplexity": math.exp(5.4)}, training={"steps": 0})
+    return directory
+
+
+def logits_and_text(model_dir) -> tuple[torch.Tensor, str]:
+    """The reference: the saved directory loaded with the package installed."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = RamanujanByteTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    return logits, tokenizer.decode(generated[0])
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    return save_run(tmp_path_factory.mktemp("run") / "tiny", tiny_config(), seed=0)
+
+
+PULL_IN_FRESH_PROCESS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+repo_id, first_commit, prompt = json.loads(open("pull_args.json").read())
+results = {}
+for name, revision in (("main", None), ("first", first_commit)):
+    model = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision, trust_remote_code=True)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    text = tokenizer.decode(model.generate(**inputs, max_new_tokens=12, do_sample=False)[0])
+    results[name] = {"logits": logits.tolist(), "text": text, "model_module": type(model).__module__,
+                     "tokenizer_module": type(tokenizer).__module__}
+print(json.dumps(results))
+"""
+
+
+def test_hub_push_then_pull_in_fresh_process_with_revisions(hub, tmp_path):
+    repo_id = "test-user/tiny-dense"
+    first = push_to_hub(save_run(tmp_path / "v1", tiny_config(), seed=0), repo_id)
+    # The second run is saved in shards: the index and every shard travel in the same single commit.
+    second_dir = save_run(tmp_path / "v2", tiny_config(), seed=1, max_shard_size="20KB")
+    assert len(list(second_dir.glob("model-*.safetensors"))) > 1
+    second = push_to_hub(second_dir, repo_id, commit_message="second run")
+
+    repo = hub.repos[repo_id]
+    assert first.oid != second.oid and repo.branches["main"] == second.oid
+    assert repo.commits[second.oid].parent == first.oid  # one commit per push, history kept
+    files = repo.commits[second.oid].files
+    assert "model.safetensors" not in files  # the first push's single file would shadow the new shards
+    for name in ("config.json", "generation_config.json", "README.md", "tokenizer_config.json", "model.safetensors.index.json",
+                 "configuration_ramanujan.py", "modeling_ramanujan.py", "initialization_ramanujan.py", "tokenization_ramanujan.py"):
+        assert name in files, name
+    assert "auto_map" in json.loads(files["config.json"])
+
+    (tmp_path / "pull_args.json").write_text(json.dumps([repo_id, first.oid, PROMPT]))
+    child = run_without_package(PULL_IN_FRESH_PROCESS, cwd=tmp_path, extra_env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": ""})
+    pulled = json.loads(child.stdout.strip().splitlines()[-1])
+    for name, run_dir in (("main", second_dir), ("first", tmp_path / "v1")):
+        logits, text = logits_and_text(run_dir)
+        torch.testing.assert_close(torch.tensor(pulled[name]["logits"]), logits)
+        assert pulled[name]["text"] == text
+        assert pulled[name]["model_module"].startswith("transformers_modules.")  # remote code, not the package
+        assert pulled[name]["tokenizer_module"].startswith("transformers_modules.")
+
+
+def test_hub_cli_push_to_private_branch(hub, base_run, capsys):
+    repo_id = "test-user/tiny-branch"
+    code = acx_rt(["push", str(base_run), repo_id, "--private", "--revision", "experiment", "--commit_message", "try a branch"])
+    assert code == 0
+    repo = hub.repos[repo_id]
+    branch_head = repo.commits[repo.branches["experiment"]]
+    assert branch_head.message == "try a branch" and "model.safetensors" in branch_head.files
+    assert "model.safetensors" not in repo.commits[repo.branches["main"]].files  # main keeps only the initial commit
+    assert branch_head.sha in capsys.readouterr().out
+    assert HfApi(token=TOKEN).model_info(repo_id, revision="experiment").sha == branch_head.sha
+    with pytest.raises(RepositoryNotFoundError):  # private: invisible without a token
+        HfApi(token=False).model_info(repo_id)
+
+
+def test_hub_push_without_token_fails_before_any_request(hub, base_run, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN")
+    assert not os.path.exists(constants.HF_TOKEN_PATH)  # conftest's private HF_HOME holds no stored token
+    requests_before = len(hub.requests)
+    assert acx_rt(["push", str(base_run), "test-user/no-token"]) == 1
+    message = capsys.readouterr().err
+    assert "no Hugging Face token" in message and "HF_TOKEN" in message and len(message.strip().splitlines()) == 1
+    assert len(hub.requests) == requests_before
+
+
+def test_hub_push_with_rejected_token_names_the_problem_and_hides_the_token(hub, base_run, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_value")
+    assert acx_rt(["push", str(base_run), "test-user/bad-token"]) == 1
+    message = capsys.readouterr().err
+    assert "rejected the token (401)" in message and "hf_wrong_secret_value" not in message
+    assert "test-user/bad-token" not in hub.repos
+
+
+def test_hub_emulator_refuses_writes_without_a_token(hub):
+    with pytest.raises(HfHubHTTPError) as error:
+        HfApi(token=False).create_repo("test-user/anonymous")
+    assert error.value.response.status_code == 401
+    assert "test-user/anonymous" not in hub.repos
+
+
+def exception_chain(error: BaseException) -> list[BaseException]:
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def test_hub_emulator_going_away_mid_pull_leaves_cache_usable(base_run, tmp_path, monkeypatch, caplog):
+    hub = HubEmulator(tokens=(TOKEN,)).start()
+    point_client_at(hub, monkeypatch)
+    repo_id, cache = "test-user/flaky", tmp_path / "cache"
+    try:
+        first = push_to_hub(base_run, repo_id)
+        first_model = AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=cache, trust_remote_code=True)
+        second_dir = save_run(tmp_path / "v2", tiny_config(), seed=1)
+        second = push_to_hub(second_dir, repo_id)
+        weights_size = (second_dir / "model.safetensors").stat().st_size
+        hub.fail_next_download("model.safetensors", after_bytes=weights_size // 2, go_away=True)
+
+        # The client retries until it gives up on the unreachable emulator, then says so. Transformers
+        # wraps it in "Can't load the model ..."; the connection error is the chained cause, and is logged.
+        with pytest.raises(OSError) as error:
+            AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=cache, trust_remote_code=True)
+        assert any("Connection refused" in str(cause) for cause in exception_chain(error.value))
+        assert "Max retries exceeded" in caplog.text
+        # Nothing half-written is left in the cache: no partial blob, no weights in the new snapshot.
+        assert not list(cache.rglob("*.incomplete"))
+        assert not list(cache.glob(f"*/snapshots/{second.oid}/model.safetensors"))
+
+        # The cache still serves the first revision, offline, with its exact weights.
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        cached = AutoModelForCausalLM.from_pretrained(repo_id, revision=first.oid, cache_dir=cache, trust_remote_code=True)
+        for (name, expected), actual in zip(first_model.state_dict().items(), cached.state_dict().values()):
+            torch.testing.assert_close(actual, expected, msg=name)
+
+        # Back online, the same cache completes the second revision.
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        hub.start()
+        pulled = AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=cache, trust_remote_code=True)
+        reference = AutoModelForCausalLM.from_pretrained(second_dir)
+        for (name, expected), actual in zip(reference.state_dict().items(), pulled.state_dict().values()):
+            torch.testing.assert_close(actual, expected, msg=name)
+    finally:
+        hub.stop()
+
+
+def test_hub_dropped_connection_mid_download_is_retried_transparently(hub, base_run, tmp_path):
+    repo_id = "test-user/blip"
+    push_to_hub(base_run, repo_id)
+    weights = (base_run / "model.safetensors").read_bytes()
+    hub.fail_next_download("model.safetensors", after_bytes=len(weights) // 3, go_away=False)
+    path = hf_hub_download(repo_id, "model.safetensors", cache_dir=tmp_path)
+    assert open(path, "rb").read() == weights
+    url_path = f"/{repo_id}/resolve/main/model.safetensors"
+    assert hub.requests[-2:] == [("GET", url_path)] * 2  # dropped, then retried
+
+
+@pytest.fixture
+def broken_run(base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    return run
+
+
+def save_weights_of(config, directory):
+    RamanujanForCausalLM(config).save_pretrained(directory / "other")
+    shutil.move(directory / "other" / "model.safetensors", directory / "model.safetensors")
+
+
+def drop_shard(run):
+    RamanujanForCausalLM.from_pretrained(run).save_pretrained(run, max_shard_size="20KB")
+    (run / "model.safetensors").unlink()
+    sorted(run.glob("model-*.safetensors"))[-1].unlink()
+
+
+BAD_INPUTS = {
+    "invalid repo id": (lambda run: None, "not a/valid/repo id", "invalid repo id"),
+    "missing dir": (lambda run: shutil.rmtree(run), "test-user/x", "does not exist"),
+    "no config": (lambda run: (run / "config.json").unlink(), "test-user/x", "has no config.json"),
+    "no weights": (lambda run: (run / "model.safetensors").unlink(), "test-user/x", "has no weights"),
+    "weights of another config": (lambda run: save_weights_of(tiny_config(hidden_size=48), run), "test-user/x",
+                                  "do not match its config.json: shape (saved vs config) lm_head.weight (259, 48) vs (259, 32); model.embed_tokens.weight (259, 48) vs (259, 32)"),
+    "weights of a MoE config": (lambda run: save_weights_of(tiny_moe_config(), run), "test-user/x", "unexpected model.layers.0.mlp.experts"),
+    "missing shard": (drop_shard, "test-user/x", "index.json names shard(s) that are missing: model-0000"),
+    "missing code file": (lambda run: (run / "initialization_ramanujan.py").unlink(), "test-user/x", "lacks the code file initialization_ramanujan.py"),
+    "no tokenizer": (lambda run: (run / "tokenizer_config.json").unlink(), "test-user/x", "has no tokenizer_config.json"),
+    "no card": (lambda run: (run / "README.md").unlink(), "test-user/x", "has no model card (README.md)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_hub_push_bad_input_fails_before_any_request(hub, broken_run, case, capsys):
+    break_run, repo_id, expected = BAD_INPUTS[case]
+    break_run(broken_run)
+    capsys.readouterr()  # drop the progress bars of breaking the run
+    requests_before = len(hub.requests)
+    assert acx_rt(["push", str(broken_run), repo_id]) == 1
+    message = capsys.readouterr().err
+    assert expected in message, message
+    assert message.startswith("acx-rt push: ") and len(message.strip().splitlines()) == 1
+    assert len(hub.requests) == requests_before
+
+
+def ramanujan_scales_closed_form(num_layers: int) -> list[float]:
+    """For L ≤ 12 layers the seed's R = min(8, max(4, L//3)) = 4, clamped to L; recurrence written out by hand."""
+    a = [1.0, math.pi / math.sqrt(3.0)]
+    for k in range(1, 8):
+        a.append((math.pi**2 / k**2) * a[k] + 2.0 * math.pi / (k * (k + 1)) * a[k - 1])
+    depth = min(4, num_layers)
+    peak = max(abs(x) for x in a[: depth + 1])
+    return [max(0.1, math.sqrt(abs(a[layer]) / peak)) for layer in range(num_layers)]
+
+
+def card_table(text: str, header_start: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header starts with `header_start`."""
+    lines = text[text.index(header_start):].splitlines()[2:]
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines)
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_hub_card_metadata_parses_and_states_measured_results(tmp_path):
+    config = tiny_config(num_hidden_layers=3)
+    eval_results = {"eval_loss": 1.91, "perplexity": math.exp(1.91), "bits_per_byte": 2.76, "eval_runtime": 3.5}
+    training = {"steps": 200, "tokens": 153600, "wall_time_s": 41.5, "hardware": "2-core CPU",
+                "hyperparameters": {"learning_rate": 1e-3, "block_size": 64}}
+    path = write_model_card(tmp_path, config, eval_results=eval_results, training=training, dataset_name="tiny_shakespeare",
+                            base_model="test-user/tiny-base")
+    card = ModelCard.load(path)
+    data = card.data
+    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "text-generation", "apache-2.0")
+    assert "ramanujan-init" in data.tags and "moe" not in data.tags
+    assert data.datasets == ["tiny_shakespeare"] and data.base_model == "test-user/tiny-base"
+    measured = {result.metric_type: result.metric_value for result in data.eval_results}
+    assert measured == {"loss": 1.91, "perplexity": math.exp(1.91), "bits_per_byte": 2.76}  # runtime is not a quality metric
+    assert all(result.dataset_split == "validation" for result in data.eval_results)
+    for fact in ("| Optimizer steps | 200 |", "| Training tokens | 153,600 |", "41.5 s", "2-core CPU", "`learning_rate` | `0.001`",
+                 "trust_remote_code=True", "docs/init-study.md", f"| Parameters | {RamanujanForCausalLM(config).num_parameters():,} |"):
+        assert fact in card.text, fact
+    for unmeasured in ("variance preservation", "infinite depth", "faster convergence"):
+        assert unmeasured not in card.text.lower()
+
+    rows = card_table(card.text, "| Layer | Block |")
+    scales = ramanujan_scales_closed_form(3)
+    assert [float(row[2]) for row in rows] == pytest.approx(scales, abs=1e-4)
+    # q/k/v std = gain · scale(l) / √fan_in (the seed's formula), fan_in = hidden_size
+    assert [float(row[3]) for row in rows] == pytest.approx([s / math.sqrt(config.hidden_size) for s in scales], rel=1e-3)
+
+
+def test_hub_card_for_moe_and_for_a_run_that_recorded_nothing(tmp_path):
+    config = tiny_moe_config(first_k_dense_layers=1, init_scheme="xavier")
+    card = ModelCard.load(write_model_card(tmp_path, config, eval_results={}, training={}))
+    assert "moe" in card.data.tags and "xavier-init" in card.data.tags and "ramanujan-init" not in card.data.tags
+    assert card.data.eval_results is None and "model_name" not in card.data.to_dict()
+    assert "No evaluation results were recorded" in card.text and "recorded no compute figures" in card.text
+    assert "top 2 of 4 experts" in card.text
+    rows = card_table(card.text, "| Layer | Block |")
+    assert [row[1] for row in rows] == ["dense", "MoE"]
+    assert rows[0][7] == "—" and float(rows[1][7]) == pytest.approx(config.initializer_range)  # router std, MoE layer only
+    # xavier: √(2 / (fan_in + fan_out)) for the expert up-projection (hidden → moe_intermediate_size)
+    assert float(rows[1][5]) == pytest.approx(math.sqrt(2 / (config.hidden_size + config.moe_intermediate_size)), rel=1e-3)
