@@ -9,48 +9,31 @@ argmax per example (`preprocess_logits_for_metrics`) and reports `eval_accuracy`
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from datasets import ClassLabel, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
 
-from .data import load_raw_datasets
 from .finetune_trainer import (
-    ExpertLoadTrainer,
+    DataSourceArguments,
     ModelArguments,
     check_columns,
     load_checkpoint_config,
     load_tokenizer,
+    make_trainer,
     run_cli,
 )
-from .lora import LoraArguments, apply_lora
+from .lora import LoraArguments
 from .metrics import load_metric
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id (instead of --train_file)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "Training data: csv, json or jsonl."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation data, in the same format."})
-    validation_split_percentage: float = field(
-        default=10, metadata={"help": "Without validation data: the percentage of training rows held out (the last rows)."}
-    )
+class DataArguments(DataSourceArguments):
     text_column: str = field(default="text", metadata={"help": "Column of texts to classify."})
     label_column: str = field(default="label", metadata={"help": "Column of labels (strings or integers)."})
     max_seq_length: int | None = field(
         default=None, metadata={"help": "Longer texts are truncated. Default: the model's max_position_embeddings."}
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-
-    def __post_init__(self):
-        if not (self.train_file or self.dataset_name):
-            raise ValueError("no training data: pass --train_file or --dataset_name")
-
-    @property
-    def dataset_label(self) -> str:
-        return self.dataset_name or Path(self.train_file).name
 
 
 def label_ids(raw_datasets: DatasetDict, label_column: str) -> tuple[dict, dict[int, str]]:
@@ -93,14 +76,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_arg
     tokenizer = load_tokenizer(model_args, config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # the usual choice for decoder-only tokenizers without one
-    raw_datasets = load_raw_datasets(
-        [data_args.train_file] if data_args.train_file else None,
-        validation_file=data_args.validation_file,
-        validation_split_percentage=data_args.validation_split_percentage,
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        text_column=data_args.text_column,
-    )
+    raw_datasets = data_args.load(data_args.text_column)
     check_columns(raw_datasets, [data_args.text_column, data_args.label_column], [data_args.text_column])
     class_ids, id2label = label_ids(raw_datasets, data_args.label_column)
     max_length = data_args.max_seq_length or getattr(config, "max_position_embeddings", None)
@@ -123,14 +99,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_arg
         pad_token_id=tokenizer.pad_token_id,
         trust_remote_code=model_args.trust_remote_code,
     )
-    if lora_args.use_lora:
-        model = apply_lora(model, lora_args, "SEQ_CLS")
-    return ExpertLoadTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=features["train"],
-        eval_dataset=features["validation"],
-        processing_class=tokenizer,
+    return make_trainer(
+        model, "SEQ_CLS", lora_args, training_args, tokenizer, features,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
         preprocess_logits_for_metrics=argmax_logits,

@@ -1,6 +1,6 @@
 """The Trainer side shared by the fine-tuning commands (causal LM and sequence classification).
 
-- `ModelArguments`: the checkpoint to start from.
+- `ModelArguments`: the checkpoint to start from; `DataSourceArguments`: the data files or Hub dataset.
 - `load_checkpoint_config` / `load_tokenizer`: fail before any work when the checkpoint cannot be fine-tuned.
 - `check_columns`: the data has the named text columns, as text, without nulls.
 - `ExpertLoadTrainer`: the Transformers `Trainer`, plus the MoE expert load in every training log.
@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, T
 
 from hub_cards import write_model_card
 
-from .lora import LoraArguments, save_merged
+from .data import load_raw_datasets
+from .lora import LoraArguments, apply_lora, save_merged
 from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
 
 
@@ -36,6 +37,40 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a Hub checkpoint (needed for models not installed here)."}
     )
+
+
+@dataclass
+class DataSourceArguments:
+    """Where the data comes from (the names of Transformers' run_clm.py); each command adds its own columns."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id (instead of --train_file)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: txt, json, jsonl, csv or parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, in the same format."})
+    validation_split_percentage: float = field(
+        default=5, metadata={"help": "Without validation data: the percentage of the training text held out (the last rows)."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self):
+        if not (self.train_file or self.dataset_name):
+            raise ValueError("no training data: pass --train_file or --dataset_name")
+
+    @property
+    def dataset_label(self) -> str:
+        """The name the model card gives the data."""
+        return self.dataset_name or Path(self.train_file).name
+
+    def load(self, required_column: str) -> DatasetDict:
+        """`train` and `validation` splits (`data.load_raw_datasets`), failing early when `required_column` is absent."""
+        return load_raw_datasets(
+            [self.train_file] if self.train_file else None,
+            validation_file=self.validation_file,
+            validation_split_percentage=self.validation_split_percentage,
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            text_column=required_column,
+        )
 
 
 def load_checkpoint_config(model_args: ModelArguments, auto_class, head: str):
@@ -140,6 +175,21 @@ class ExpertLoadTrainer(Trainer):
         if "loss" in logs:
             logs.update(self.expert_load_meter.read_and_reset())
         super().log(logs, start_time)
+
+
+def make_trainer(model, task_type: str, lora_args: LoraArguments, training_args, tokenizer, features: DatasetDict, **hooks):
+    """Wrap `model` in LoRA adapters when asked (PEFT `task_type`), and build the trainer on its train and
+    validation splits; `hooks`: data_collator, compute_metrics, preprocess_logits_for_metrics."""
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args, task_type)
+    return ExpertLoadTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=features["train"],
+        eval_dataset=features["validation"],
+        processing_class=tokenizer,
+        **hooks,
+    )
 
 
 def hardware_name(device: torch.device) -> str:

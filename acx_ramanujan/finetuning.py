@@ -15,37 +15,30 @@ losses, so `eval_lm_loss` is the pure language-model number. Results go to OUTPU
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, EvalPrediction, default_data_collator
 
-from .data import load_raw_datasets, tokenize_and_pack
+from .data import tokenize_and_pack
 from .finetune_trainer import (
-    ExpertLoadTrainer,
+    DataSourceArguments,
     ModelArguments,
     check_columns,
     load_checkpoint_config,
     load_tokenizer,
+    make_trainer,
     run_cli,
 )
-from .lora import LoraArguments, apply_lora
+from .lora import LoraArguments
 from .metrics import load_metric
 
 IGNORE_INDEX = -100  # the label the loss skips (torch cross_entropy's default ignore_index)
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id (instead of --train_file)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "Training data: txt, json, jsonl, csv or parquet."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation data, in the same format."})
-    validation_split_percentage: float = field(
-        default=5, metadata={"help": "Without validation data: the percentage of the training text held out (its tail)."}
-    )
+class DataArguments(DataSourceArguments):
     text_column: str = field(default="text", metadata={"help": "Column of plain text to pack into blocks."})
     prompt_column: str | None = field(default=None, metadata={"help": "Column of prompts (masked out of the loss)."})
     response_column: str | None = field(default=None, metadata={"help": "Column of responses (learned)."})
@@ -57,15 +50,13 @@ class DataArguments:
         metadata={"help": "Tokens per training sequence (packed blocks; longer examples are cut). "
                   "Default: the model's max_position_embeddings."},
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.prompt_column is None) != (self.response_column is None):
             raise ValueError("--prompt_column and --response_column go together")
         if self.messages_column and self.prompt_column:
             raise ValueError("give either --messages_column or --prompt_column/--response_column, not both")
-        if not (self.train_file or self.dataset_name):
-            raise ValueError("no training data: pass --train_file or --dataset_name")
 
     @property
     def columns(self) -> list[str]:
@@ -80,10 +71,6 @@ class DataArguments:
         if self.prompt_column:
             return [self.prompt_column, self.response_column]
         return [self.text_column]
-
-    @property
-    def dataset_label(self) -> str:
-        return self.dataset_name or Path(self.train_file).name
 
 
 def encode_prompt_response(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
@@ -194,14 +181,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_arg
     """Check every input, tokenize, load the model (+ LoRA): a Trainer ready to train. Raises ValueError on bad input."""
     config = load_checkpoint_config(model_args, AutoModelForCausalLM, "causal-LM")
     tokenizer = load_tokenizer(model_args, config)
-    raw_datasets = load_raw_datasets(
-        [data_args.train_file] if data_args.train_file else None,
-        validation_file=data_args.validation_file,
-        validation_split_percentage=data_args.validation_split_percentage,
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        text_column=data_args.columns[0],
-    )
+    raw_datasets = data_args.load(data_args.columns[0])
     check_columns(raw_datasets, data_args.columns, data_args.text_columns)
     block_size = resolve_block_size(data_args.block_size, config)
     with training_args.main_process_first(desc="tokenization"):
@@ -216,14 +196,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_arg
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code
     )
-    if lora_args.use_lora:
-        model = apply_lora(model, lora_args, "CAUSAL_LM")
-    return ExpertLoadTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=features["train"],
-        eval_dataset=features["validation"],
-        processing_class=tokenizer,
+    return make_trainer(
+        model, "CAUSAL_LM", lora_args, training_args, tokenizer, features,
         data_collator=collator,
         compute_metrics=perplexity_metrics,
         preprocess_logits_for_metrics=sequence_nll,

@@ -1,7 +1,12 @@
-"""Causal-LM fine-tuning (`acx-rt finetune`): tiny Trainer runs, prompt masking, LoRA, resume, MoE losses, bad input."""
+"""Trainer fine-tuning: causal LM (`acx-rt finetune`) and sequence classification.
 
+Tiny runs (dense and MoE), prompt masking, LoRA save/load/merge, resume, MoE losses, and each bad input.
+"""
+
+import csv
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -9,8 +14,10 @@ import torch.nn.functional as F
 from conftest import tiny_config, tiny_moe_config
 from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, ViTConfig
 
 from acx_ramanujan import RamanujanForCausalLM
+from acx_ramanujan import classification
 from acx_ramanujan.finetuning import DataArguments, build_trainer, encode_chat, encode_prompt_response, main
 from acx_ramanujan.finetune_trainer import parse_arguments
 from acx_ramanujan.lora import LoraArguments, lora_config
@@ -48,6 +55,10 @@ def prompt_response_file(tmp_path_factory):
 
 def finetune(*arguments) -> int:
     return main([*map(str, arguments), *QUIET])
+
+
+def classify(*arguments) -> int:
+    return classification.main([*map(str, arguments), *QUIET])
 
 
 def read_json(path):
@@ -230,16 +241,17 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(dense_checkpoin
 # --- bad input: one line on stderr, exit status 1, nothing trained --------------------------------------------------
 
 
-def assert_rejected(capsys, output, *arguments, message):
-    assert finetune(*arguments, "--output_dir", output, "--max_steps", 1) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: datasets' progress bars
-    assert error.startswith("acx-rt finetune: error: ") and message in error, error
-    assert not (output / "eval_results.json").exists() and not list(output.glob("checkpoint-*"))
+def assert_rejected(capsys, command, output, *arguments, message):
+    """Exit status 1, the message as the last stderr line (earlier lines: datasets' progress bars), no output."""
+    assert command(*arguments, "--output_dir", output, "--max_steps", 1) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in error and message in error, error
+    assert not output.exists()
 
 
 def test_missing_column_names_the_columns_that_exist(capsys, dense_checkpoint, prompt_response_file, tmp_path):
     assert_rejected(
-        capsys, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", prompt_response_file,
+        capsys, finetune, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", prompt_response_file,
         "--prompt_column", "question", "--response_column", "reply",
         message="no column 'reply' (columns: question, answer)",
     )
@@ -249,17 +261,15 @@ def test_text_column_with_nulls_is_rejected(capsys, dense_checkpoint, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": None if i == 3 else f"line {i}"}) + "\n" for i in range(20)))
     assert_rejected(
-        capsys, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", data,
+        capsys, finetune, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", data,
         "--validation_split_percentage", 20, message="1 null value(s) in column 'text'",
     )
 
 
 def test_checkpoint_that_is_no_causal_lm_is_rejected(capsys, prompt_response_file, tmp_path):
-    from transformers import ViTConfig
-
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "vit")
     assert_rejected(
-        capsys, tmp_path / "out", "--model_name_or_path", tmp_path / "vit", "--train_file", prompt_response_file,
+        capsys, finetune, tmp_path / "out", "--model_name_or_path", tmp_path / "vit", "--train_file", prompt_response_file,
         message="is a 'vit' checkpoint, which has no causal-LM model",
     )
 
@@ -267,6 +277,117 @@ def test_checkpoint_that_is_no_causal_lm_is_rejected(capsys, prompt_response_fil
 def test_directory_without_a_checkpoint_is_rejected(capsys, prompt_response_file, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_rejected(
-        capsys, tmp_path / "out", "--model_name_or_path", tmp_path / "empty", "--train_file", prompt_response_file,
+        capsys, finetune, tmp_path / "out", "--model_name_or_path", tmp_path / "empty", "--train_file", prompt_response_file,
         message="cannot load a model config from",
+    )
+
+
+# --- sequence classification ---------------------------------------------------------------------------------------
+
+ALPHABETS = ["abcdefghijklm", "nopqrstuvwxyz", "0123456789"]
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def separable_rows(labels, count, seed):
+    """The i-th label owns the i-th of disjoint alphabets: any one character of a text tells its class."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        index = rng.randrange(len(labels))
+        text = "".join(rng.choice(ALPHABETS[index]) for _ in range(rng.randint(4, 12)))
+        rows.append((text, labels[index]))
+    return rows
+
+
+def test_separable_task_reaches_high_accuracy_and_saves_its_labels(dense_checkpoint, tmp_path):
+    train = write_csv(tmp_path / "train.csv", separable_rows(["neg", "pos"], 96, seed=0))
+    validation_rows = separable_rows(["neg", "pos"], 32, seed=1)
+    validation = write_csv(tmp_path / "validation.csv", validation_rows)
+    output = tmp_path / "out"
+    assert classify(
+        "--model_name_or_path", dense_checkpoint, "--train_file", train, "--validation_file", validation,
+        "--max_steps", 12, "--learning_rate", 1e-2, "--per_device_train_batch_size", 16,
+        "--per_device_eval_batch_size", 32, "--save_strategy", "no", "--output_dir", output,
+    ) == 0
+    results = read_json(output / "eval_results.json")
+    assert results["eval_accuracy"] >= 0.9
+
+    # The saved classifier, evaluated by hand, gives the accuracy the Trainer reported.
+    model = AutoModelForSequenceClassification.from_pretrained(output).eval()
+    assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.label2id == {"neg": 0, "pos": 1}
+    tokenizer = RamanujanByteTokenizer.from_pretrained(output)
+    batch = tokenizer([text for text, _ in validation_rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    hits = [model.config.id2label[p] == label for p, (_, label) in zip(predicted, validation_rows)]
+    assert results["eval_accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_moe_lora_with_integer_labels_merges_exactly(moe_checkpoint, tmp_path):
+    checkpoint = moe_checkpoint
+    rows = separable_rows([0, 1, 2], 48, seed=2)
+    train = write_csv(tmp_path / "train.csv", rows[:36])
+    validation = write_csv(tmp_path / "validation.csv", rows[36:])
+    output = tmp_path / "out"
+    assert classify(
+        "--model_name_or_path", checkpoint, "--train_file", train, "--validation_file", validation,
+        "--max_steps", 3, "--learning_rate", 1e-2, "--per_device_train_batch_size", 12, "--use_lora",
+        "--lora_r", 4, "--merge_lora", "--save_strategy", "no", "--output_dir", output,
+    ) == 0
+    results = read_json(output / "eval_results.json")
+    assert 0 <= results["eval_f1"] <= 1 and 0 <= results["eval_accuracy"] <= 1
+    logs = [entry for entry in read_json(output / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert all("expert_load_max" in entry for entry in logs)
+
+    merged = AutoModelForSequenceClassification.from_pretrained(output / "merged").eval()
+    assert merged.config.id2label == {0: "0", 1: "1", 2: "2"}
+    base = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, num_labels=3, id2label=merged.config.id2label, label2id=merged.config.label2id
+    )
+    adapted = PeftModel.from_pretrained(base, output).eval()  # the trained score head comes with the adapter
+    input_ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, adapted(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_validation_label_unseen_in_training_is_rejected(capsys, dense_checkpoint, tmp_path):
+    train = write_csv(tmp_path / "train.csv", separable_rows(["neg", "pos"], 20, seed=0))
+    validation = write_csv(tmp_path / "validation.csv", separable_rows(["neg", "mid"], 20, seed=1))
+    assert_rejected(
+        capsys, classify, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", train,
+        "--validation_file", validation, message="label(s) the training data lacks: 'mid'",
+    )
+
+
+def test_missing_label_column_names_the_columns_that_exist(capsys, dense_checkpoint, tmp_path):
+    train = write_csv(tmp_path / "train.csv", separable_rows(["neg", "pos"], 40, seed=0))
+    assert_rejected(
+        capsys, classify, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", train,
+        "--validation_split_percentage", 20, "--label_column", "sentiment", message="no column 'sentiment' (columns: text, label)",
+    )
+
+
+def test_classification_text_column_with_nulls_is_rejected(capsys, dense_checkpoint, tmp_path):
+    rows = [{"text": None if i == 5 else f"text {i}", "label": i % 2} for i in range(20)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert_rejected(
+        capsys, classify, tmp_path / "out", "--model_name_or_path", dense_checkpoint, "--train_file", train,
+        "--validation_split_percentage", 20, message="null value(s) in column 'text'",
+    )
+
+
+def test_checkpoint_without_a_classification_model_is_rejected(capsys, tmp_path):
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "vit")
+    train = write_csv(tmp_path / "train.csv", separable_rows(["neg", "pos"], 20, seed=0))
+    assert_rejected(
+        capsys, classify, tmp_path / "out", "--model_name_or_path", tmp_path / "vit", "--train_file", train,
+        message="is a 'vit' checkpoint, which has no sequence-classification model",
     )
