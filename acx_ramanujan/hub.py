@@ -18,7 +18,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from . import modeling_ramanujan
@@ -89,11 +89,19 @@ def check_output_dir(output_dir: Path) -> None:
     if not (output_dir / "config.json").is_file():
         raise ValueError(f"{output_dir} has no config.json: save the model with model.save_pretrained({str(output_dir)!r})")
     config = AutoConfig.from_pretrained(output_dir)
-    check_remote_code(output_dir, "config.json")
+    if not json.loads((output_dir / "config.json").read_text()).get("auto_map"):
+        raise ValueError(
+            f"{output_dir}/config.json has no auto_map, so the model cannot load with trust_remote_code=True: "
+            "import acx_ramanujan before save_pretrained"
+        )
+    check_code_files(output_dir, "config.json")
     check_weights(output_dir, config)
     if not (output_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"{output_dir} has no tokenizer_config.json: save the tokenizer with tokenizer.save_pretrained(...)")
-    check_remote_code(output_dir, "tokenizer_config.json")
+    check_code_files(output_dir, "tokenizer_config.json")  # a BPE tokenizer (tokenizer.json) needs no code
+    tokenizer_size = len(AutoTokenizer.from_pretrained(output_dir))
+    if tokenizer_size > config.vocab_size:
+        raise ValueError(f"the tokenizer in {output_dir} has {tokenizer_size} tokens, more than the model's vocab_size {config.vocab_size}")
     if (output_dir / "README.md").is_file():
         try:
             ModelCard.load(output_dir / "README.md")
@@ -103,14 +111,9 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"{output_dir} has no model card (README.md): write one with hub_cards.write_model_card")
 
 
-def check_remote_code(output_dir: Path, json_name: str) -> None:
-    """The code files `auto_map` names, and the files they import relatively, sit beside the JSON file."""
-    auto_map = json.loads((output_dir / json_name).read_text()).get("auto_map")
-    if not auto_map:
-        raise ValueError(
-            f"{output_dir}/{json_name} has no auto_map, so the model cannot load with trust_remote_code=True: "
-            "import acx_ramanujan before save_pretrained"
-        )
+def check_code_files(output_dir: Path, json_name: str) -> None:
+    """The code files the JSON file's `auto_map` names, and the files they import relatively, sit beside it."""
+    auto_map = json.loads((output_dir / json_name).read_text()).get("auto_map") or {}
     references = [value for values in auto_map.values() for value in (values if isinstance(values, list) else [values])]
     modules = {reference.rsplit(".", 1)[0] for reference in references if reference and "--" not in reference}
     for module in sorted(modules):
@@ -189,7 +192,9 @@ def main(argv: list[str]) -> int:
     try:
         commit = push_to_hub(args.output_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message)
     except (ValueError, HfHubHTTPError, httpx2.HTTPError) as error:
-        print(f"acx-rt push: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}", file=sys.stderr)
+        # Hub errors span several lines (status, url, hints); the first names the problem.
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"acx-rt push: {lines[0]}", file=sys.stderr)
         return 1
     print(f"pushed {args.output_dir} to {commit.commit_url}")
     return 0

@@ -21,7 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from hub_emulator import HubEmulator
 from transformers import AutoModelForCausalLM
 
-from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, train_bpe_tokenizer
 from acx_ramanujan.cli import main as acx_rt
 from acx_ramanujan.hub import push_to_hub
 from hub_cards import write_model_card
@@ -233,6 +233,13 @@ def save_weights_of(config, directory):
     shutil.move(directory / "other" / "model.safetensors", directory / "model.safetensors")
 
 
+def use_bpe_tokenizer(run, vocab_size: int):
+    """Replace the byte tokenizer by a byte-level BPE one (tokenizer.json, no code files)."""
+    for name in ("tokenizer_config.json", "tokenization_ramanujan.py", "added_tokens.json", "special_tokens_map.json"):
+        (run / name).unlink(missing_ok=True)
+    train_bpe_tokenizer(iter(["to be or not to be, that is the question"] * 200), vocab_size, output_dir=run)
+
+
 def drop_shard(run):
     RamanujanForCausalLM.from_pretrained(run).save_pretrained(run, max_shard_size="20KB")
     (run / "model.safetensors").unlink()
@@ -251,6 +258,8 @@ BAD_INPUTS = {
     "missing code file": (lambda run: (run / "initialization_ramanujan.py").unlink(), "test-user/x", "lacks the code file initialization_ramanujan.py"),
     "no tokenizer": (lambda run: (run / "tokenizer_config.json").unlink(), "test-user/x", "has no tokenizer_config.json"),
     "no card": (lambda run: (run / "README.md").unlink(), "test-user/x", "has no model card (README.md)"),
+    "tokenizer larger than the vocabulary": (lambda run: use_bpe_tokenizer(run, 280), "test-user/x",
+                                             "has 280 tokens, more than the model's vocab_size 259"),
 }
 
 
@@ -265,6 +274,13 @@ def test_hub_push_bad_input_fails_before_any_request(hub, broken_run, case, caps
     assert expected in message, message
     assert message.startswith("acx-rt push: ") and len(message.strip().splitlines()) == 1
     assert len(hub.requests) == requests_before
+
+
+def test_hub_push_accepts_a_bpe_tokenizer_without_code_files(hub, broken_run):
+    use_bpe_tokenizer(broken_run, 259)
+    commit = push_to_hub(broken_run, "test-user/tiny-bpe")
+    files = hub.repos["test-user/tiny-bpe"].commits[commit.oid].files
+    assert "tokenizer.json" in files and "tokenization_ramanujan.py" not in files
 
 
 def ramanujan_scales_closed_form(num_layers: int) -> list[float]:
