@@ -9,6 +9,7 @@ When no validation data is given, the validation split is the tail of the text, 
 boundary nearest that character count so no line is split.
 """
 
+import io
 from itertools import accumulate
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def split_tail(dataset: Dataset, validation_split_percentage: float, text_column
 
 def text_to_dataset(text: str, validation_split_percentage: float = 10) -> DatasetDict:
     """An in-memory text (e.g. `default_corpus_text()`) as line rows that keep their line breaks, split by tail."""
-    lines = text.splitlines(keepends=True)
+    lines = io.StringIO(text).readlines()  # splits on "\n" only, as the `text` builder does for files
     return split_tail(Dataset.from_dict({"text": lines}), validation_split_percentage)
 
 

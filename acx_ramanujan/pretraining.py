@@ -159,6 +159,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--validation_file needs --train_file (or --dataset_name)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse to mix two runs in one folder (checked by every process before any of them writes)."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file")
@@ -304,14 +308,21 @@ def stop_requests(accelerator: Accelerator):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def count_predicted_bytes(dataset, tokenizer) -> int:
-    """UTF-8 bytes of the tokens the model predicts (every block but its first token), for bits per byte."""
-    texts = tokenizer.batch_decode([ids[1:] for ids in dataset["labels"]], skip_special_tokens=False)
-    return sum(len(text.encode("utf-8")) for text in texts)
+def count_predicted_bytes(dataset, tokenizer) -> float:
+    """UTF-8 bytes behind the tokens the model predicts (all but each block's first), for bits per byte.
+
+    Bytes per token is measured on the decoded validation stream: exact for the byte tokenizer (one byte per
+    token), the corpus average for BPE, as in the bits-per-byte conversion of the Pile paper (Gao et al. 2020).
+    """
+    blocks = dataset["input_ids"]
+    stream = [token for block in blocks for token in block]
+    bytes_per_token = len(tokenizer.decode(stream).encode("utf-8")) / len(stream)
+    predicted = sum(len(block) - 1 for block in blocks)
+    return predicted * bytes_per_token
 
 
 @torch.no_grad()
-def evaluate_model(accelerator, model, dataloader, num_bytes: int, config: RamanujanConfig) -> dict:
+def evaluate_model(accelerator, model, dataloader, num_bytes: float, config: RamanujanConfig) -> dict:
     """Token-weighted loss, perplexity and bits per byte over the validation blocks; expert load for MoE.
 
     The NLL is the plain next-token cross-entropy (the MoE auxiliary losses are left out).
@@ -385,11 +396,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(args: argparse.Namespace):
     """Everything that can fail on bad input: tokenizer, config, data; then the Accelerate objects."""
-    output_dir = Path(args.output_dir)
-    resume_path = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     tokenizer = load_tokenizer(args.tokenizer_name)
     config = build_config(args, tokenizer)
-
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # Seeded data order that checkpoints can restore (SeedableRandomSampler, epoch-dependent seed).
@@ -397,9 +405,13 @@ def prepare(args: argparse.Namespace):
         # The schedule advances once per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         log_with=args.report_to if args.with_tracking else None,
-        project_dir=str(output_dir),
+        project_dir=args.output_dir,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
     )
+    output_dir = Path(args.output_dir)
+    check_output_dir(args)
+    resume_path = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
     with accelerator.main_process_first():
         if args.train_file or args.dataset_name:
@@ -420,12 +432,14 @@ def prepare(args: argparse.Namespace):
 def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, blocks, resume_path: Path | None) -> int:
     output_dir = Path(args.output_dir)
     model = RamanujanForCausalLM(config)
-    blocks.set_format("torch")
-    train_dataloader = DataLoader(blocks["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
-                                  collate_fn=default_data_collator)
-    eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
-                                 collate_fn=default_data_collator)
     eval_bytes = count_predicted_bytes(blocks["validation"], tokenizer)
+    blocks.set_format("torch")
+    # Loaders draw their worker seeds from their own generators, not the global RNG that dropout uses: starting
+    # an (evaluation or resumed) iteration then leaves the training randomness exactly where it was.
+    train_dataloader = DataLoader(blocks["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
+                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
+    eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
+                                 collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
 
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, make_optimizer(model, args), train_dataloader, eval_dataloader)
@@ -534,6 +548,7 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: d
         "train_tokens_per_second": progress.tokens_seen / max(progress.train_seconds, 1e-9),
     }
     write_json(stage / "eval_results.json", eval_results)
+    write_json(stage / "training_args.json", hyperparameters(args, accelerator))
     write_json(stage / "all_results.json", {**train_results, **eval_results})
     for item in stage.iterdir():
         os.replace(item, output_dir / item.name)

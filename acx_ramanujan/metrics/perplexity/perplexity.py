@@ -18,7 +18,7 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (list of float): summed negative log-likelihood (nats) of each batch.
     references (list of int): number of predicted tokens in each batch.
-    num_bytes (int, optional): UTF-8 bytes of the evaluated text; adds `bits_per_byte`.
+    num_bytes (int or float, optional): UTF-8 bytes of the evaluated text; adds `bits_per_byte`.
 Returns:
     loss (float): mean NLL per token (nats); perplexity (float): exp(loss);
     bits_per_byte (float, only with num_bytes): total NLL / (ln 2 * num_bytes).

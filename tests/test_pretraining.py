@@ -1,0 +1,246 @@
+"""`acx-rt train` end to end on tiny configs: outputs, evaluation against a naive loop, exact resume, SIGTERM,
+two-process DDP against one process, bf16 autocast on CPU, and every bad input."""
+
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from acx_ramanujan import pretraining
+from acx_ramanujan.data import default_corpus_text
+from acx_ramanujan.metrics import load_metric
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2," \
+       "max_position_embeddings=64"
+MOE = TINY + ",moe_intermediate_size=32,num_experts=4,num_experts_per_tok=2"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (mixed precision, process count) from scratch."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """3 kB of Python's help text: 84 train blocks of 32 bytes (21 batches of 4), 9 validation blocks."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(default_corpus_text()[:3000], encoding="utf-8")
+    return path
+
+
+def train_args(corpus: Path, output_dir: Path, *extra: str, overrides: str = TINY) -> list[str]:
+    return ["--train_file", str(corpus), "--config_overrides", overrides, "--block_size", "32",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--learning_rate", "3e-3",
+            "--num_warmup_steps", "2", "--output_dir", str(output_dir), *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def naive_eval_loss(output_dir: Path, corpus: Path) -> float:
+    """Mean next-byte NLL of the saved model over the tail 10 % of the corpus, cut into 32-byte blocks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    lines = io.StringIO(corpus.read_text()).readlines()
+    total, cut, kept = sum(map(len, lines)), 0, 0
+    while kept < 0.9 * total:  # the train rows: lines up to 90 % of the characters
+        kept += len(lines[cut])
+        cut += 1
+    stream = "".join(lines[cut:]).encode()
+    blocks = torch.tensor([list(stream[i : i + 32]) for i in range(0, len(stream) - 31, 32)])
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+
+
+@pytest.mark.parametrize("overrides", [TINY, MOE], ids=["dense", "moe"])
+def test_end_to_end_writes_every_output(tmp_path, corpus, overrides):
+    out = tmp_path / "run"
+    args = train_args(corpus, out, "--max_train_steps", "6", "--eval_steps", "3", "--checkpointing_steps", "3",
+                      "--save_total_limit", "1", overrides=overrides)
+    assert pretraining.main(args) == 0
+
+    for name in ("model.safetensors", "config.json", "generation_config.json", "configuration_ramanujan.py",
+                 "modeling_ramanujan.py", "initialization_ramanujan.py", "tokenizer_config.json",
+                 "README.md", "eval_results.json", "all_results.json", "training_args.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-6"]  # save_total_limit 1
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*partial"))
+    assert "auto_map" in json.loads((out / "config.json").read_text())
+
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_loss"] == pytest.approx(naive_eval_loss(out, corpus), rel=1e-5)
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    # Byte tokenizer on ASCII text: one byte per predicted token, so bits per byte = loss / ln 2.
+    assert results["bits_per_byte"] == pytest.approx(results["eval_loss"] / math.log(2))
+    all_results = json.loads((out / "all_results.json").read_text())
+    assert all_results["train_steps"] == 6 and all_results["train_tokens"] == 6 * 4 * 32
+    assert all_results["eval_loss"] == results["eval_loss"]
+
+    log = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in log if "eval_loss" in r] == [3, 6]
+    if "num_experts" in overrides:
+        load = torch.tensor(results["expert_load"])
+        assert load.shape == (2, 4)  # one row per MoE layer, one column per expert
+        assert torch.allclose(load.sum(dim=1), torch.ones(2), atol=1e-4)
+    else:
+        assert "expert_load" not in results
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus):
+    """Dropout on, accumulation 2, a resume mid-epoch and an epoch boundary after it: weights and loss identical."""
+    # 21 batches per epoch, 2 per step: steps 1-11 are epoch 0 (step 11 has one batch), 12-14 epoch 1.
+    common = ("--max_train_steps", "14", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4")
+    overrides = TINY + ",attention_dropout=0.1"
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert pretraining.main(train_args(corpus, full, *common, overrides=overrides)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resume = ("--resume_from_checkpoint", str(full / "checkpoint-4"))
+    assert pretraining.main(train_args(corpus, resumed, *common, *resume, overrides=overrides)) == 0
+
+    full_weights, resumed_weights = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert full_weights.keys() == resumed_weights.keys()
+    for name in full_weights:
+        assert torch.equal(full_weights[name], resumed_weights[name]), name
+    def steps_after_4(log):
+        return [(r["step"], r["loss"], r["learning_rate"]) for r in log if "loss" in r and r["step"] > 4]
+
+    assert steps_after_4(read_jsonl(full / "metrics.jsonl")) == steps_after_4(read_jsonl(resumed / "metrics.jsonl"))
+    assert json.loads((full / "eval_results.json").read_text()) == json.loads((resumed / "eval_results.json").read_text())
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus):
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO_ROOT / "training_scripts" / "pretrain.py"),
+               *train_args(corpus, out, "--max_train_steps", "100000")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Stopped by SIGTERM" in stdout
+    [checkpoint] = pretraining.list_checkpoints(out)
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert stopped_at >= 2 and not (out / "model.safetensors").exists()
+
+    extra = ("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest")
+    assert pretraining.main(train_args(corpus, out, *extra)) == 0
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == stopped_at + 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, stopped_at + 3))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, corpus):
+    one, two = tmp_path / "one", tmp_path / "two"
+    steps = ("--max_train_steps", "4")
+    assert pretraining.main(train_args(corpus, one, *steps)) == 0  # per-device batch 4, one process
+    ddp_args = train_args(corpus, two, *steps)
+    ddp_args[ddp_args.index("--per_device_train_batch_size") + 1] = "2"
+    # `accelerate launch --cpu --num_processes 2` starts a single process (accelerate issue #2741: multi-CPU
+    # goes through mpirun); torchrun workers (`--multi_gpu`) on the CPU (ACCELERATE_USE_CPU) use gloo.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(REPO_ROOT / "training_scripts" / "pretrain.py")]
+    result = subprocess.run(launch + ddp_args, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert json.loads((two / "training_args.json").read_text())["num_processes"] == 2
+    one_weights, two_weights = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in one_weights:
+        torch.testing.assert_close(two_weights[name], one_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+    one_log, two_log = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [r["loss"] for r in two_log if "loss" in r] == pytest.approx([r["loss"] for r in one_log if "loss" in r],
+                                                                         rel=1e-5)
+    one_eval, two_eval = (json.loads((d / "eval_results.json").read_text()) for d in (one, two))
+    assert two_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-5)
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "run"
+    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "3")) == 0
+    assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.float32  # master weights stay fp32
+
+
+def test_perplexity_metric_against_a_naive_sum():
+    nll, tokens, num_bytes = [3.0, 5.5, 0.25], [2, 3, 1], 9
+    result = load_metric("perplexity").compute(predictions=nll, references=tokens, num_bytes=num_bytes)
+    assert result["loss"] == pytest.approx(8.75 / 6)
+    assert result["perplexity"] == pytest.approx(math.exp(8.75 / 6))
+    assert result["bits_per_byte"] == pytest.approx(8.75 / math.log(2) / 9)
+    assert "bits_per_byte" not in load_metric("perplexity").compute(predictions=nll, references=tokens)
+
+
+def test_config_overrides_are_typed_from_the_config_fields():
+    parsed = pretraining.parse_config_overrides(
+        'hidden_size=64,init_scheme=xavier,tie_word_embeddings=true,ramanujan_depth=None,ramanujan_gain=2,'
+        'rope_parameters={"rope_type": "default", "rope_theta": 500.0}')
+    assert parsed == {"hidden_size": 64, "init_scheme": "xavier", "tie_word_embeddings": True,
+                      "ramanujan_depth": None, "ramanujan_gain": 2.0,
+                      "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+    assert isinstance(parsed["ramanujan_gain"], float)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_file", "{tmp}/absent.txt"], "does not exist"),
+        (["--train_file", "{tmp}/empty.txt"], "is empty"),
+        (["--validation_file", "{tmp}/short.txt"], "validation split holds fewer than block_size=32 tokens"),
+        (["--block_size", "128"], "exceeds the model's max_position_embeddings (64)"),
+        (["--config_overrides", TINY + ",vocab_size=300"], "the tokenizer has 259 tokens but the config's vocab_size is 300"),
+        (["--config_name", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["--config_overrides", "hidden_sise=64"], "unknown config field 'hidden_sise'"),
+        (["--config_overrides", "hidden_size=wide"], "hidden_size='wide' is not a valid int"),
+        (["--output_dir", "{tmp}/busy"], "is not empty (another run?)"),
+        (["--resume_from_checkpoint", "latest"], "no checkpoint-STEP folder"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--tokenizer_name", "{tmp}/absent"], "not a directory holding a saved tokenizer"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, extra, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("short\n")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "config.json").write_text("{}")
+    args = train_args(corpus, tmp_path / "run") + [item.format(tmp=tmp_path) for item in extra]
+    assert pretraining.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("acx-rt train: error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
