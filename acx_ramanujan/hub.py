@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx2
 from accelerate import init_empty_weights
-from huggingface_hub import CommitInfo, HfApi, ModelCard, get_token
+from huggingface_hub import CommitInfo, HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
@@ -102,13 +102,12 @@ def check_output_dir(output_dir: Path) -> None:
     tokenizer_size = len(AutoTokenizer.from_pretrained(output_dir))
     if tokenizer_size > config.vocab_size:
         raise ValueError(f"the tokenizer in {output_dir} has {tokenizer_size} tokens, more than the model's vocab_size {config.vocab_size}")
-    if (output_dir / "README.md").is_file():
-        try:
-            ModelCard.load(output_dir / "README.md")
-        except ValueError as error:
-            raise ValueError(f"{output_dir}/README.md is not a valid model card: {error}") from None
-    else:
+    if not (output_dir / "README.md").is_file():
         raise ValueError(f"{output_dir} has no model card (README.md): write one with hub_cards.write_model_card")
+    try:
+        ModelCard.load(output_dir / "README.md")
+    except ValueError as error:
+        raise ValueError(f"{output_dir}/README.md is not a valid model card: {error}") from None
 
 
 def check_code_files(output_dir: Path, json_name: str) -> None:
@@ -191,7 +190,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         commit = push_to_hub(args.output_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message)
-    except (ValueError, HfHubHTTPError, httpx2.HTTPError) as error:
+    except httpx2.TransportError as error:
+        print(f"acx-rt push: cannot reach the Hub at {constants.ENDPOINT}: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, HfHubHTTPError) as error:
         # Hub errors span several lines (status, url, hints); the first names the problem.
         lines = str(error).strip().splitlines() or [type(error).__name__]
         print(f"acx-rt push: {lines[0]}", file=sys.stderr)

@@ -156,6 +156,16 @@ def test_hub_push_with_rejected_token_names_the_problem_and_hides_the_token(hub,
     assert "test-user/bad-token" not in hub.repos
 
 
+def test_hub_push_to_an_unreachable_hub_says_so(hub, base_run, capsys):
+    hub.stop()  # keep its port: nothing listens there now
+    try:
+        assert acx_rt(["push", str(base_run), "test-user/unreachable"]) == 1
+        message = capsys.readouterr().err
+        assert message.startswith(f"acx-rt push: cannot reach the Hub at {hub.url}") and len(message.strip().splitlines()) == 1
+    finally:
+        hub.start()
+
+
 def test_hub_emulator_refuses_writes_without_a_token(hub):
     with pytest.raises(HfHubHTTPError) as error:
         HfApi(token=False).create_repo("test-user/anonymous")
