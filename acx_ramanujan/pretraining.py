@@ -30,12 +30,14 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from huggingface_hub import get_token
 from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
 
 from hub_cards import write_model_card
 
 from .configuration_ramanujan import RamanujanConfig
 from .data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
+from .hub import push_to_hub
 from .metrics import load_metric
 from .modeling_ramanujan import RamanujanForCausalLM, expert_load
 from .tokenization_ramanujan import RamanujanByteTokenizer
@@ -159,6 +161,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--validation_file needs --train_file (or --dataset_name)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
+    if args.push_to_hub and not (args.hub_token or get_token()):
+        raise ValueError("--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`")
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
@@ -528,6 +532,14 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         metrics_log.log(progress.completed_steps, eval_results)
     save_final(args, accelerator, model, tokenizer, eval_results, progress)
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        try:
+            push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {progress.completed_steps} steps",
+                        token=args.hub_token)
+        except (ValueError, OSError) as error:
+            print(f"{PROG}: error: the push to the Hub failed ({error}); the run is saved in {output_dir}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
@@ -563,10 +575,6 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: d
     })
     accelerator.print(f"Saved the model, tokenizer and model card to {output_dir}: eval_loss "
                       f"{eval_results['eval_loss']:.4f}, bits per byte {eval_results['bits_per_byte']:.4f}")
-    if args.push_to_hub:
-        from .hub import push_to_hub
-
-        push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {progress.completed_steps} steps")
 
 
 if __name__ == "__main__":

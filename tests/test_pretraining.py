@@ -72,18 +72,20 @@ def naive_eval_loss(output_dir: Path, corpus: Path) -> float:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
 
 
-@pytest.mark.parametrize("overrides", [TINY, MOE], ids=["dense", "moe"])
-def test_end_to_end_writes_every_output(tmp_path, corpus, overrides):
+@pytest.mark.parametrize("overrides, tracking", [(TINY, ("--with_tracking", "--report_to", "tensorboard")), (MOE, ())],
+                         ids=["dense", "moe"])
+def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
     out = tmp_path / "run"
     args = train_args(corpus, out, "--max_train_steps", "6", "--eval_steps", "3", "--checkpointing_steps", "3",
-                      "--save_total_limit", "1", overrides=overrides)
+                      "--save_total_limit", "1", *tracking, overrides=overrides)
     assert pretraining.main(args) == 0
 
     for name in ("model.safetensors", "config.json", "generation_config.json", "configuration_ramanujan.py",
                  "modeling_ramanujan.py", "initialization_ramanujan.py", "tokenizer_config.json",
                  "README.md", "eval_results.json", "all_results.json", "training_args.json", "metrics.jsonl"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-6"]  # save_total_limit 1
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-6"]  # limit 1
+    assert bool(list(out.rglob("events.out.tfevents*"))) == bool(tracking)
     assert not list(out.glob("*.partial")) and not list(out.glob(".*partial"))
     assert "auto_map" in json.loads((out / "config.json").read_text())
 
@@ -230,10 +232,12 @@ def test_config_overrides_are_typed_from_the_config_fields():
         (["--resume_from_checkpoint", "latest"], "no checkpoint-STEP folder"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--push_to_hub", "--hub_model_id", "user/tiny"], "--push_to_hub needs a Hugging Face token"),
         (["--tokenizer_name", "{tmp}/absent"], "not a directory holding a saved tokenizer"),
     ],
 )
-def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, extra, message):
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, monkeypatch, extra, message):
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # HF_HOME is a fresh folder (conftest): no stored token either
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("short\n")
     (tmp_path / "busy").mkdir()
@@ -244,3 +248,21 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, extra,
     assert err[-1].startswith("acx-rt train: error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_push_to_hub_uploads_the_finished_run(tmp_path, corpus, monkeypatch):
+    """Through the genuine huggingface_hub client, against the local Hub emulator of test_hub.py."""
+    from huggingface_hub import HfApi
+    from hub_emulator import HubEmulator
+    from test_hub import TOKEN, point_client_at
+
+    hub = HubEmulator(tokens=(TOKEN,)).start()
+    try:
+        point_client_at(hub, monkeypatch)
+        args = train_args(corpus, tmp_path / "run", "--max_train_steps", "1", "--push_to_hub",
+                          "--hub_model_id", "test-user/tiny-run")
+        assert pretraining.main(args) == 0
+        files = set(HfApi().list_repo_files("test-user/tiny-run"))
+    finally:
+        hub.stop()
+    assert {"model.safetensors", "config.json", "modeling_ramanujan.py", "tokenizer_config.json", "README.md"} <= files
