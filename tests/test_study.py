@@ -9,13 +9,20 @@ from conftest import tiny_config, tiny_moe_config
 
 from acx_ramanujan import RamanujanForCausalLM
 from acx_ramanujan.initialization_ramanujan import ramanujan_schedule, weight_std
-from acx_ramanujan.study import verify
+from acx_ramanujan.study import benchmark, verify, visualize
 from acx_ramanujan.study.chains import (
     TRUNCATED_VARIANCE_FACTOR,
     chain_closed_form_log10,
     chain_measured_log10,
 )
-from acx_ramanujan.study.probes import byte_token_batch, layer_gradient_norms, residual_rms_per_layer, residual_stream
+from acx_ramanujan.study.probes import (
+    attention_maps,
+    byte_token_batch,
+    expert_load_per_layer,
+    layer_gradient_norms,
+    residual_rms_per_layer,
+    residual_stream,
+)
 
 
 def mean_ratio_to_closed_form(scheme, depth, width, activation, trials):
@@ -126,3 +133,123 @@ def test_verify_rejects_bad_input(tmp_path, capsys, argv, message):
     assert verify.main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- visualize
+
+
+@pytest.fixture(scope="module")
+def saved_moe_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("moe-checkpoint")
+    RamanujanForCausalLM(tiny_moe_config(num_hidden_layers=2, first_k_dense_layers=1)).save_pretrained(path)
+    return path
+
+
+def test_attention_maps_are_causal_probabilities(saved_moe_checkpoint):
+    model = RamanujanForCausalLM.from_pretrained(saved_moe_checkpoint, attn_implementation="eager").eval()
+    maps = attention_maps(model, byte_token_batch(None, 1, 12, 259, seed=0))
+    assert len(maps) == 2 and maps[0].shape == (4, 12, 12)
+    for layer_maps in maps:
+        torch.testing.assert_close(layer_maps.sum(-1), torch.ones(4, 12))
+        assert torch.all(layer_maps.triu(diagonal=1) == 0)
+
+
+def test_expert_load_matches_a_naive_count(saved_moe_checkpoint):
+    model = RamanujanForCausalLM.from_pretrained(saved_moe_checkpoint).eval()
+    input_ids = byte_token_batch(None, 2, 10, 259, seed=0)
+    load = expert_load_per_layer(model, input_ids)
+    with torch.no_grad():
+        router_logits = model(input_ids=input_ids, output_router_logits=True).router_logits
+    assert load.shape == (1, 4)  # layer 0 stays dense
+    counts = [0] * 4
+    for token_logits in router_logits[0]:
+        for expert in sorted(range(4), key=lambda e: -token_logits[e].item())[:2]:
+            counts[expert] += 1
+    assert load[0].tolist() == pytest.approx([count / 40 for count in counts])
+
+
+def test_visualize_writes_every_plot_for_moe(saved_moe_checkpoint, tmp_path):
+    assert visualize.main(["--checkpoint", str(saved_moe_checkpoint), "--output_dir", str(tmp_path), "--prompt", "To be"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"variance.png", "gradients.png", "attention.png", "experts.png"}
+
+
+def test_visualize_rejects_bad_input(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    RamanujanForCausalLM(tiny_config()).save_pretrained(dense)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing")], "is not a readable checkpoint"),
+        (["--checkpoint", str(broken)], "could not be loaded"),
+        (["--checkpoint", str(dense), "--type", "experts"], "needs a mixture-of-experts checkpoint"),
+    ]
+    for argv, message in cases:
+        assert visualize.main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark_argv(tmp_path, *extra):
+    text = tmp_path / "train.txt"
+    if not text.exists():
+        text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
+    return ["--layers", "1", "--seeds", "2", "--max_train_steps", "3", "--block_size", "16",
+            "--per_device_train_batch_size", "2", "--train_file", str(text), "--output_dir", str(tmp_path / "bench"),
+            "--config_overrides", "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2",
+            *extra]
+
+
+def test_benchmark_trains_every_run_and_summarizes_from_the_run_files(tmp_path):
+    argv = benchmark_argv(tmp_path, "--schemes", "normal", "--variant", "ram-no-alpha:init_scheme=ramanujan,attention_scale_alpha=0")
+    assert benchmark.main(argv) == 0
+    out = tmp_path / "bench"
+    report = json.loads((out / "benchmark.json").read_text())
+    final = {f"{name}-seed{seed}": json.loads((out / "runs" / f"1L-{name}-seed{seed}" / "eval_results.json").read_text())["eval_loss"]
+             for name in ("normal", "ram-no-alpha") for seed in (0, 1)}
+    summary = {row["variant"]: row for row in report["summary"]}
+    ram = [final["ram-no-alpha-seed0"], final["ram-no-alpha-seed1"]]
+    normal = [final["normal-seed0"], final["normal-seed1"]]
+    assert summary["ram-no-alpha"]["eval_loss_mean"] == pytest.approx(sum(ram) / 2)
+    assert summary["ram-no-alpha"]["eval_loss_std"] == pytest.approx(abs(ram[0] - ram[1]) / math.sqrt(2))
+    assert summary["ram-no-alpha"]["delta_vs_reference_mean"] == pytest.approx((ram[0] - normal[0] + ram[1] - normal[1]) / 2)
+    assert summary["normal"]["delta_vs_reference_mean"] == 0.0
+    config = json.loads((out / "runs" / "1L-ram-no-alpha-seed1" / "config.json").read_text())
+    assert (config["init_scheme"], config["attention_scale_alpha"], config["num_hidden_layers"]) == ("ramanujan", 0.0, 1)
+    assert {"benchmark.md", "benchmark_loss.png"} <= {p.name for p in out.iterdir()}
+
+    # a finished run is read back, not trained again
+    stamp = (out / "runs" / "1L-normal-seed0" / "all_results.json").stat().st_mtime_ns
+    assert benchmark.main(argv) == 0
+    assert (out / "runs" / "1L-normal-seed0" / "all_results.json").stat().st_mtime_ns == stamp
+
+
+def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverged(tmp_path):
+    for name, final in (("nan", float("nan")), ("worse", 6.0), ("better", 4.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "all_results.json").write_text(json.dumps({"eval_loss": final, "train_steps": 2, "train_runtime_s": 4.0}))
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.0}\n{"step": 2, "eval_loss": 1}\n')
+    assert [benchmark.read_run(tmp_path / name)["diverged"] for name in ("nan", "worse", "better")] == [True, True, False]
+    assert benchmark.read_run(tmp_path / "better")["steps_per_second"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--schemes", "normal,fancy"], "unknown init scheme 'fancy'"),
+        (["--schemes", "normal", "--layers", "0"], "layer counts >= 1"),
+        (["--variant", "no-colon"], "not of the form NAME:key=value"),
+        (["--variant", "x:init_scheme=normal,no_such_field=1"], "unknown config field 'no_such_field'"),
+        (["--variant", "x:embedding_init_scheme=fancy"], "embedding_init_scheme 'fancy' is unknown"),
+        ([], "nothing to compare"),
+    ],
+)
+def test_benchmark_rejects_bad_input_before_training(tmp_path, capsys, extra, message):
+    assert benchmark.main(benchmark_argv(tmp_path, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

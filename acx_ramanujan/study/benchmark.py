@@ -1,0 +1,213 @@
+"""`acx-rt benchmark`: train layers × variants × seeds through `acx-rt train` and compare validation loss.
+
+A variant is an init scheme (`--schemes normal,ramanujan`) or a named set of config overrides
+(`--variant "ram-no-embed:init_scheme=ramanujan,embedding_init_scheme=normal"`), so any ablation of the
+initialization can be reproduced. Every run gets the same hyperparameters; runs with the same seed get the same
+model seed and the same data order (the pretraining code seeds both from --seed), so variants are paired by seed.
+
+Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>-seed<k>/ and is reused when it already finished, so an
+interrupted benchmark picks up where it stopped. Results: benchmark.json, benchmark.md, benchmark_loss.png.
+A run counts as diverged when its final validation loss is NaN/inf or above its initial training loss.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .. import pretraining
+from ..configuration_ramanujan import RamanujanConfig
+from ..initialization_ramanujan import INIT_SCHEMES
+from .reporting import markdown_table, parse_name_list, save_figure, write_json, write_text
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="acx-rt benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", default="4", help="comma-separated layer counts, e.g. 4,12,48")
+    parser.add_argument("--schemes", default="", help="comma-separated init schemes, each a variant")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
+                        help='a named variant, e.g. "normal-alpha0:init_scheme=normal,attention_scale_alpha=0" (repeatable)')
+    parser.add_argument("--seeds", type=int, default=2, help="seeds 0..K-1 for every (layers, variant)")
+    parser.add_argument("--moe", action="store_true", help="mixture-of-experts models (the tiny-moe preset)")
+    parser.add_argument("--config_overrides", default="", help="overrides shared by every run (shape, etc.)")
+    parser.add_argument("--train_file", default=None, help="training text (default: the pretraining default corpus)")
+    parser.add_argument("--max_train_steps", type=int, required=True)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=12)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every problem found before the first run starts; config values are validated by building each config."""
+    try:
+        args.layers = [int(value) for value in args.layers.split(",") if value.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+    if not args.layers or min(args.layers) < 1:
+        raise ValueError(f"--layers needs layer counts >= 1, got {args.layers}")
+    for name in ("seeds", "max_train_steps", "block_size", "per_device_train_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    variants = {}
+    if args.schemes:
+        variants.update({scheme: f"init_scheme={scheme}" for scheme in parse_name_list(args.schemes, INIT_SCHEMES, "init scheme")})
+    for spec in args.variant:
+        name, sep, overrides = spec.partition(":")
+        if not sep or not name.strip() or "=" not in overrides or "/" in name:
+            raise ValueError(f"--variant {spec!r} is not of the form NAME:key=value,key=value")
+        variants[name.strip()] = overrides
+    if not variants:
+        raise ValueError("nothing to compare: give --schemes and/or --variant")
+    args.variants = variants
+    if args.train_file is not None and not Path(args.train_file).is_file():
+        raise ValueError(f"--train_file {args.train_file} is not a readable file")
+    for layers in args.layers:
+        for overrides in variants.values():
+            RamanujanConfig.from_preset(preset(args), **pretraining.parse_config_overrides(run_overrides(args, layers, overrides)))
+
+
+def preset(args: argparse.Namespace) -> str:
+    return "tiny-moe" if args.moe else "tiny"
+
+
+def run_overrides(args: argparse.Namespace, layers: int, variant_overrides: str) -> str:
+    """Shared overrides, then the layer count, then the variant's own (later keys win)."""
+    return ",".join(part for part in (args.config_overrides, f"num_hidden_layers={layers}", variant_overrides) if part)
+
+
+def train_argv(args: argparse.Namespace, layers: int, variant_overrides: str, seed: int, run_dir: Path) -> list[str]:
+    argv = [
+        "--config_name", preset(args),
+        "--config_overrides", run_overrides(args, layers, variant_overrides),
+        "--block_size", str(args.block_size),
+        "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+        "--per_device_eval_batch_size", "64",
+        "--learning_rate", str(args.learning_rate),
+        "--max_train_steps", str(args.max_train_steps),
+        "--seed", str(seed),
+        "--output_dir", str(run_dir),
+        "--overwrite_output_dir",
+    ]
+    if args.train_file is not None:
+        argv += ["--train_file", str(args.train_file)]
+    return argv
+
+
+def read_run(run_dir: Path) -> dict:
+    """Final validation loss, initial (step-1) training loss, steps/s and the training-loss curve of a finished run."""
+    results = json.loads((run_dir / "all_results.json").read_text())
+    records = [json.loads(line) for line in (run_dir / pretraining.METRICS_LOG).read_text().splitlines()]
+    train_losses = [record["loss"] for record in records if "loss" in record]
+    final, initial = results["eval_loss"], train_losses[0]
+    return {
+        "eval_loss": final,
+        "initial_loss": initial,
+        "diverged": not math.isfinite(final) or final > initial,
+        "steps_per_second": results["train_steps"] / results["train_runtime_s"],
+        "train_loss": train_losses,
+    }
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    """(layers, variant, seed) → run record; finished runs are read back, not retrained."""
+    runs = {}
+    for layers in args.layers:
+        for name, overrides in args.variants.items():
+            for seed in range(args.seeds):
+                run_dir = args.output_dir / "runs" / f"{layers}L-{name}-seed{seed}"
+                if not (run_dir / "all_results.json").is_file():
+                    status = pretraining.main(train_argv(args, layers, overrides, seed, run_dir))
+                    if status != 0:
+                        raise RuntimeError(f"training run {run_dir} failed with exit status {status}")
+                runs[(layers, name, seed)] = read_run(run_dir)
+    return runs
+
+
+def summarize(args: argparse.Namespace, runs: dict) -> list[dict]:
+    """Per (layers, variant): final val loss mean ± std over seeds, the paired Δ against the first variant, etc."""
+    reference = next(iter(args.variants))
+    rows = []
+    for layers in args.layers:
+        for name, overrides in args.variants.items():
+            seeds = range(args.seeds)
+            losses = [runs[(layers, name, seed)]["eval_loss"] for seed in seeds]
+            deltas = [loss - runs[(layers, reference, seed)]["eval_loss"] for seed, loss in zip(seeds, losses)]
+            rows.append({
+                "layers": layers,
+                "variant": name,
+                "overrides": overrides,
+                "runs": len(losses),
+                "eval_loss_mean": statistics.fmean(losses),
+                "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                "delta_vs_reference_mean": statistics.fmean(deltas),
+                "delta_vs_reference_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
+                "diverged": sum(runs[(layers, name, seed)]["diverged"] for seed in seeds),
+                "initial_loss_mean": statistics.fmean(runs[(layers, name, seed)]["initial_loss"] for seed in seeds),
+                "steps_per_second_median": statistics.median(runs[(layers, name, seed)]["steps_per_second"] for seed in seeds),
+            })
+    return rows
+
+
+def markdown_report(args: argparse.Namespace, argv: list[str], rows: list[dict]) -> str:
+    reference = next(iter(args.variants))
+    table = markdown_table(
+        ["layers", "variant", "final val loss (mean ± std)", f"Δ vs {reference} (paired)", "diverged",
+         "initial loss", "steps/s (median)", "overrides"],
+        [[row["layers"], row["variant"], f"{row['eval_loss_mean']:.4f} ± {row['eval_loss_std']:.4f}",
+          f"{row['delta_vs_reference_mean']:+.4f} ± {row['delta_vs_reference_std']:.4f}",
+          f"{row['diverged']}/{row['runs']}", row["initial_loss_mean"], row["steps_per_second_median"],
+          f"`{row['overrides']}`"] for row in rows],
+    )
+    return "\n".join([
+        f"# acx-rt benchmark{' (MoE)' if args.moe else ''}",
+        "",
+        f"Command: `acx-rt benchmark {' '.join(argv)}`  ",
+        f"Finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Seeds 0..{args.seeds - 1}, "
+        f"{args.max_train_steps} steps, lr {args.learning_rate}, batch {args.per_device_train_batch_size}×{args.block_size} "
+        f"tokens, preset {preset(args)} with `{args.config_overrides or '-'}`. "
+        "Δ: mean ± std over seeds of (variant − reference) with the same seed (same init seed and data order).",
+        "",
+        table,
+    ])
+
+
+def plot_curves(args: argparse.Namespace, runs: dict, path: Path, window: int = 20) -> None:
+    """Training loss (moving average over `window` steps, mean over seeds) per variant; one panel per depth."""
+    figure, axes = plt.subplots(1, len(args.layers), figsize=(5.5 * len(args.layers), 4), squeeze=False)
+    for axis, layers in zip(axes[0], args.layers):
+        for name in args.variants:
+            curves = [runs[(layers, name, seed)]["train_loss"] for seed in range(args.seeds)]
+            length = min(len(curve) for curve in curves)
+            mean = [statistics.fmean(curve[step] for curve in curves) for step in range(length)]
+            smooth = [statistics.fmean(mean[max(0, step - window + 1) : step + 1]) for step in range(length)]
+            axis.plot(range(1, length + 1), smooth, label=name)
+        axis.set(xlabel="step", ylabel=f"train loss ({window}-step mean)", title=f"{layers} layers")
+        axis.legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        print(f"acx-rt benchmark: error: {error}", file=sys.stderr)
+        return 2
+    runs = run_all(args)
+    rows = summarize(args, runs)
+    records = {f"{layers}L-{name}-seed{seed}": {k: v for k, v in run.items() if k != "train_loss"}
+               for (layers, name, seed), run in runs.items()}
+    write_json(args.output_dir / "benchmark.json", {
+        "command": ["acx-rt", "benchmark", *argv], "variants": args.variants, "summary": rows, "runs": records})
+    write_text(args.output_dir / "benchmark.md", markdown_report(args, argv, rows))
+    plot_curves(args, runs, args.output_dir / "benchmark_loss.png")
+    print(markdown_report(args, argv, rows))
+    return 0
