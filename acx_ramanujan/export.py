@@ -2,7 +2,7 @@
 
 The graph is traced by Transformers' own exporter (`transformers.exporters.OnnxExporter`: `torch.export`, then the
 dynamo path of `torch.onnx.export`, with its fixes for Transformers models). The TorchScript exporter
-(`dynamo=False`) is not an option: it has no ONNX symbolic for `aten::rms_norm`, and cannot follow a `DynamicCache`.
+(`dynamo=False`) fails on this model with torch 2.13: it has no ONNX symbolic for `aten::rms_norm` (`F.rms_norm`).
 The model is loaded with `attn_implementation="sdpa"` (lowered to MatMul/Softmax, with the causal and padding mask
 built in the graph) and `experts_implementation="grouped_mm"`, which Transformers' exporter lowers to one MatMul per
 expert over the tokens routed to it: routing (Softmax → TopK → sort by expert) stays in the graph and stays dropless.
