@@ -21,7 +21,7 @@ import sys
 import time
 import typing
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        choices=[kind.value for kind in SchedulerType], metavar="{linear,cosine,constant,...}")
     optim.add_argument("--num_warmup_steps", type=int, default=0)
     optim.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
-    optim.add_argument("--num_train_epochs", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=int, default=3)
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
     optim.add_argument("--seed", type=int, default=42)
 
@@ -236,14 +236,14 @@ class Progress:
     completed_steps: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    blocks_per_step: int = 0  # global batch: the data position is completed_steps × this, so a resume must match
 
     def state_dict(self) -> dict:
-        return {"completed_steps": self.completed_steps, "tokens_seen": self.tokens_seen,
-                "train_seconds": self.train_seconds}
+        return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.completed_steps, self.tokens_seen, self.train_seconds = (
-            state["completed_steps"], state["tokens_seen"], state["train_seconds"])
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -455,11 +455,17 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
     lr_scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps))
-    progress = Progress()
+    blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    progress = Progress(blocks_per_step=blocks_per_step)
     accelerator.register_for_checkpointing(progress)
 
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
+        if progress.blocks_per_step != blocks_per_step:
+            print(f"{PROG}: error: {resume_path} was trained with {progress.blocks_per_step} blocks per step, this "
+                  f"run takes {blocks_per_step} (per-device batch × accumulation × processes); resume with the "
+                  "same global batch", file=sys.stderr)
+            return 2
         accelerator.print(f"Resumed from {resume_path} at step {progress.completed_steps}")
     start_step = progress.completed_steps
     start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
@@ -468,8 +474,7 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in hyperparameters(args, accelerator).items()})
 
-    tokens_per_step = args.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps \
-        * accelerator.num_processes
+    tokens_per_step = args.block_size * blocks_per_step
     accelerator.print(
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
         f"{args.block_size} tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"

@@ -151,6 +151,10 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus):
     assert stopped_at >= 2 and not (out / "model.safetensors").exists()
 
     extra = ("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest")
+    other_batch = train_args(corpus, out, *extra, "--gradient_accumulation_steps", "2")
+    assert pretraining.main(other_batch) == 2  # the data position would not match: refused
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     assert pretraining.main(train_args(corpus, out, *extra)) == 0
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == stopped_at + 2
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, stopped_at + 3))
