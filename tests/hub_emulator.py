@@ -75,12 +75,12 @@ class HubError(Exception):
 class HubEmulator:
     """Start with `start()`; `url` is what HF_ENDPOINT (or `HfApi(endpoint=...)`) should point at."""
 
-    def __init__(self, tokens: tuple[str, ...] = ("hf_emulator_write_token",), port: int = 0):
+    def __init__(self, tokens: tuple[str, ...] = ("hf_emulator_write_token",)):
         self.tokens = set(tokens)
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # method, path
         self.lock = threading.RLock()
-        self.port = port
+        self.port = 0  # the first start() picks a free port; later starts reuse it
         self.server: ThreadingHTTPServer | None = None
         self.gone = threading.Event()
         self.failure: tuple[str, int, bool] | None = None
