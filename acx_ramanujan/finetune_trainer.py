@@ -79,6 +79,8 @@ def load_checkpoint_config(model_args: ModelArguments, auto_class, head: str):
     `head` names the wanted model kind in the error ("causal-LM", "sequence-classification").
     """
     path = model_args.model_name_or_path
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        raise ValueError(f"the checkpoint directory {path!r} does not exist")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
@@ -164,7 +166,8 @@ class ExpertLoadTrainer(Trainer):
     """`Trainer` whose training logs also carry `expert_load_max` / `expert_load_min` for MoE models.
 
     `Trainer.log` is the documented override point: a callback's `on_log` runs after the log is recorded.
-    The MoE router losses need no code here: the model adds them to `loss` whenever labels are given.
+    The MoE router losses need no code here: `RamanujanForCausalLM` adds them to `loss` whenever labels are
+    given. (`RamanujanForSequenceClassification` does not, like Transformers' own MoE classifiers.)
     """
 
     def __init__(self, *args, **kwargs):

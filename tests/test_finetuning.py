@@ -280,6 +280,10 @@ def test_directory_without_a_checkpoint_is_rejected(capsys, prompt_response_file
         capsys, finetune, tmp_path / "out", "--model_name_or_path", tmp_path / "empty", "--train_file", prompt_response_file,
         message="cannot load a model config from",
     )
+    assert_rejected(
+        capsys, finetune, tmp_path / "out", "--model_name_or_path", tmp_path / "absent", "--train_file", prompt_response_file,
+        message="does not exist",
+    )
 
 
 # --- sequence classification ---------------------------------------------------------------------------------------
