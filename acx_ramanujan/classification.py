@@ -5,7 +5,8 @@ keeps the decoder and adds a freshly initialized `score` head that reads the las
 strings or integers; their sorted set in the training data defines the class ids, saved in the config.
 Sequences are padded per batch with the tokenizer's pad id (`DataCollatorWithPadding`). Evaluation keeps one
 argmax per example (`preprocess_logits_for_metrics`) and reports `eval_accuracy` and macro `eval_f1`
-(the bundled metrics) in OUTPUT_DIR/eval_results.json.
+(the bundled metrics) in OUTPUT_DIR/eval_results.json. For MoE checkpoints the expert load is logged, but the
+loss is the classification loss alone: `RamanujanForSequenceClassification` adds no router losses.
 """
 
 from dataclasses import dataclass, field
