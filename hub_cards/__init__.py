@@ -14,6 +14,8 @@ from pathlib import Path
 import jinja2
 from accelerate import init_empty_weights
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 import acx_ramanujan
 from acx_ramanujan.initialization_ramanujan import ramanujan_layer_scales, weight_std
@@ -66,7 +68,7 @@ def write_model_card(
         pipeline_tag=pipeline_tag,
         license=LICENSE,
         tags=["ramanujan", f"{config.init_scheme}-init", "custom_code"] + (["moe"] if config.is_moe else []),
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[hub_dataset_id(dataset_name)] if hub_dataset_id(dataset_name) else None,
         base_model=base_model,
         metrics=[name for name in metrics if name in QUALITY_METRICS] or None,
         eval_results=eval_entries or None,
@@ -103,12 +105,23 @@ def scalar_metrics(eval_results: dict) -> dict[str, float]:
     return metrics
 
 
+def hub_dataset_id(dataset_name: str | None) -> str | None:
+    """`dataset_name` when it can be a Hub dataset id (what the `datasets` metadata holds), else None."""
+    if not dataset_name:
+        return None
+    try:
+        validate_repo_id(dataset_name)
+    except HFValidationError:
+        return None
+    return dataset_name
+
+
 def eval_result_entries(metrics: dict[str, float], task_type: str, dataset_name: str | None) -> list[EvalResult]:
     """One `model-index` entry per quality metric, all on the held-out split of the training data."""
     return [
         EvalResult(
             task_type=task_type,
-            dataset_type=dataset_name or "custom",
+            dataset_type=hub_dataset_id(dataset_name) or "text",
             dataset_name=dataset_name or "custom text (held-out split)",
             dataset_split="validation",
             metric_type=name,

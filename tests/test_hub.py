@@ -340,7 +340,8 @@ def test_hub_card_metadata_parses_and_states_measured_results(tmp_path):
 
 def test_hub_card_for_moe_and_for_a_run_that_recorded_nothing(tmp_path):
     config = tiny_moe_config(first_k_dense_layers=1, init_scheme="xavier")
-    card = ModelCard.load(write_model_card(tmp_path, config, eval_results={}, training={}))
+    card = ModelCard.load(write_model_card(tmp_path, config, eval_results={}, training={}, dataset_name="notes.txt, more notes.txt"))
+    assert card.data.datasets is None and "Trained on `notes.txt, more notes.txt`" in card.text  # not a Hub dataset id
     assert "moe" in card.data.tags and "xavier-init" in card.data.tags and "ramanujan-init" not in card.data.tags
     assert card.data.eval_results is None and "model_name" not in card.data.to_dict()
     assert "No evaluation results were recorded" in card.text and "recorded no compute figures" in card.text
