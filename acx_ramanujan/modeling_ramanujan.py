@@ -223,12 +223,14 @@ class RamanujanExperts(nn.Module):
         token_of_assignment = order // top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         routed = hidden_states[token_of_assignment]
+        # unbind, not `weight[expert]`: each indexing's backward would write a full-size zero gradient (cost ∝ E²).
+        per_expert = zip(routed.split(counts), self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
         outputs = []
-        for expert, tokens in enumerate(routed.split(counts)):
+        for tokens, gate_up_proj, down_proj in per_expert:
             if tokens.shape[0] == 0:
                 continue
-            gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+            gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
         expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, expert_out)
 

@@ -1,0 +1,370 @@
+"""`acx-rt bench-speed`: time our model against Transformers' Llama (dense) and Qwen3-MoE (experts) in one process.
+
+Peers get identical shapes, vocabulary, thread count and optimizer (AdamW), and their runs are interleaved
+(ours, theirs, ours, ...) so that load from other jobs on a shared machine hits both alike; the tables give medians
+and the ours / theirs ratio of the medians. Figures per shape: training step (forward + backward + AdamW) tokens/s,
+prefill tokens/s, greedy generation tokens/s with the KV cache (batch 1), peak memory of one training step, and the
+achieved FLOP/s of the training step as a fraction of this machine's measured matmul peak (fp32 and bf16).
+Optional extras: bf16 autocast and `torch.compile` against fp32 eager, and two scaling curves (training step time
+against context length on the sdpa path, and against the number of experts at top-2), plotted as PNG.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from .configuration_ramanujan import RamanujanConfig
+from .modeling_ramanujan import RamanujanForCausalLM
+
+VOCAB_SIZE = 256
+# nanoGPT's CPU recipe (width 128, 4 layers, 4 heads, context 64, batch 12) and the issue's larger shape.
+# SwiGLU widths keep the parameter count of a 4x GELU MLP (2/3 · 4 · d, rounded to a multiple of 8);
+# an MoE layer has top-2 experts of half that width, so its active parameters match the dense MLP.
+SHAPES = {
+    "nanogpt": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=344, context=64, batch=12),
+    "width256": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=688, context=256, batch=8),
+}
+NUM_EXPERTS, TOP_K = 8, 2
+
+
+def model_configs(shape: dict, num_experts: int = 0, context: int | None = None) -> dict[str, object]:
+    """Ours and the Transformers peer (Llama when dense, Qwen3-MoE with experts) with the same shapes."""
+    context = context or shape["context"]
+    common = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_attention_heads"],
+        intermediate_size=shape["intermediate_size"], max_position_embeddings=max(1024, context),
+        pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    )
+    if not num_experts:
+        return {"ours": RamanujanConfig(**common), "llama": LlamaConfig(**common)}
+    moe = dict(num_experts=num_experts, num_experts_per_tok=TOP_K, moe_intermediate_size=shape["intermediate_size"] // 2,
+               norm_topk_prob=True, router_aux_loss_coef=0.01)
+    # Qwen3-MoE adds its balance loss to `loss` only with output_router_logits; ours always does when given labels.
+    return {"ours": RamanujanConfig(**common, **moe, router_z_loss_coef=0.0),
+            "qwen3_moe": Qwen3MoeConfig(**common, **moe, output_router_logits=True)}
+
+
+def build(config) -> torch.nn.Module:
+    model_class = {RamanujanConfig: RamanujanForCausalLM, LlamaConfig: LlamaForCausalLM, Qwen3MoeConfig: Qwen3MoeForCausalLM}
+    return model_class[type(config)](config)
+
+
+def train_step(model: torch.nn.Module, batch: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One forward + backward + AdamW step on `batch` (inputs are the labels, shifted inside the loss)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def prefill(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
+    """The prompt pass of generation: the whole batch through the model, filling a fresh KV cache."""
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=batch, use_cache=True, logits_to_keep=1)
+
+    return run
+
+
+def greedy_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+
+    return run
+
+
+def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds per call, peers alternating call by call."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def training_peak_mib(config, batch: torch.Tensor, threads: int) -> float:
+    """Peak resident memory of two training steps in a fresh process, above its resident memory before the model
+    exists: weights, gradients, AdamW state, activations and allocator slack (Linux VmHWM, proc(5)).
+
+    A fresh process because a warm one keeps freed blocks resident, which hides the peak of a later step.
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_training_peak_in_this_process, (config, batch, threads))
+
+
+def _training_peak_in_this_process(config, batch: torch.Tensor, threads: int) -> float:
+    torch.set_num_threads(threads)
+    before = _proc_status_kib("VmRSS")
+    step = train_step(build(config), batch)
+    step()
+    step()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def counted_flops(run: Callable[[], None]) -> int:
+    """FLOPs of one call as torch.utils.flop_counter counts them (matmuls and attention; attention counted dense)."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
+    """Best FLOP/s of a square matmul, the practical peak this process can reach with its threads."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = min(interleaved_seconds({"mm": lambda: torch.mm(a, b)}, repeats, warmup=0)["mm"])
+    return 2 * size**3 / best
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def compare_shape(name: str, shape: dict, num_experts: int, args, peaks: dict[str, float]) -> dict:
+    """Training, prefill and generation of ours and the peer at one shape; medians, ratios, memory, FLOP/s."""
+    torch.manual_seed(0)
+    models = {label: build(config) for label, config in model_configs(shape, num_experts).items()}
+    batch = torch.randint(0, VOCAB_SIZE, (shape["batch"], shape["context"]))
+    prompt = torch.randint(0, VOCAB_SIZE, (1, args.prompt_tokens))
+    steps = {label: train_step(model, batch) for label, model in models.items()}
+    tokens = batch.numel()
+    result = {"shape": name, **shape, "num_experts": num_experts, "top_k": TOP_K if num_experts else None}
+
+    train = interleaved_seconds(steps, args.repeats)
+    result["train_tokens_per_s"] = {label: tokens / median(times) for label, times in train.items()}
+    result["train_step_ms"] = {label: 1e3 * median(times) for label, times in train.items()}
+    result["train_step_ms_all"] = {label: [round(1e3 * t, 1) for t in times] for label, times in train.items()}
+    result["peak_memory_mib"] = {label: training_peak_mib(model.config, batch, args.threads)
+                                 for label, model in models.items()}
+    # Counted on ours (the peer does the same matmuls; its grouped_mm is not counted by FlopCounterMode).
+    flops = counted_flops(steps["ours"])
+    result["train_gflop_per_step"] = flops / 1e9
+    result["train_fraction_of_peak"] = {
+        label: {dtype: flops / (1e-3 * result["train_step_ms"][label]) / peak for dtype, peak in peaks.items()}
+        for label in models
+    }
+
+    for model in models.values():
+        model.eval()
+    pre = interleaved_seconds({label: prefill(model, batch) for label, model in models.items()}, args.repeats)
+    result["prefill_tokens_per_s"] = {label: tokens / median(times) for label, times in pre.items()}
+    gen = interleaved_seconds(
+        {label: greedy_generation(model, prompt, args.new_tokens) for label, model in models.items()}, args.repeats
+    )
+    result["generate_tokens_per_s"] = {label: args.new_tokens / median(times) for label, times in gen.items()}
+    return result
+
+
+def precision_and_compile(name: str, shape: dict, args) -> dict:
+    """Our dense training step: fp32 eager against bf16 autocast and against torch.compile (fp32)."""
+    torch.manual_seed(0)
+    config = model_configs(shape)["ours"]
+    batch = torch.randint(0, VOCAB_SIZE, (shape["batch"], shape["context"]))
+    eager, autocast, compiled = build(config), build(config), build(config)
+    runs = {"fp32_eager": train_step(eager, batch), "bf16_autocast": train_step(autocast, batch, torch.bfloat16)}
+    if args.compile:
+        runs["fp32_compiled"] = train_step(torch.compile(compiled), batch)
+        start = time.perf_counter()
+        runs["fp32_compiled"]()
+        compile_seconds = time.perf_counter() - start
+    times = interleaved_seconds(runs, args.repeats)
+    result = {"shape": name, "train_step_ms": {label: 1e3 * median(t) for label, t in times.items()}}
+    if args.compile:
+        result["compile_seconds"] = compile_seconds
+    return result
+
+
+def context_scaling(args) -> dict:
+    """Training step time against context length at width 256 (batch 4), ours and Llama, attention on sdpa."""
+    shape = dict(SHAPES["width256"], batch=4)
+    curves: dict[str, list[float]] = {}
+    kernels: dict[int, list[str]] = {}
+    for context in args.contexts:
+        torch.manual_seed(0)
+        models = {label: build(config) for label, config in model_configs(shape, context=context).items()}
+        batch = torch.randint(0, VOCAB_SIZE, (shape["batch"], context))
+        steps = {label: train_step(model, batch) for label, model in models.items()}
+        for label, times in interleaved_seconds(steps, args.scaling_repeats).items():
+            curves.setdefault(label, []).append(1e3 * median(times))
+        kernels[context] = attention_kernels(steps["ours"])
+    return {"context": list(args.contexts), "train_step_ms": curves, "ours_attention_kernels": kernels}
+
+
+def attention_kernels(run: Callable[[], None]) -> list[str]:
+    """Names of the scaled-dot-product kernels a call ran (to show attention stayed on the fused sdpa path)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return sorted({event.key for event in profiler.key_averages() if "scaled_dot_product" in event.key})
+
+
+def expert_scaling(args) -> dict:
+    """Training step time against the number of experts at top-2 (nanoGPT shape), per experts implementation."""
+    shape = SHAPES["nanogpt"]
+    variants = {"ours (sorted dispatch)": ("ours", "eager"), "ours + grouped_mm": ("ours", "grouped_mm"),
+                "Qwen3-MoE (default: grouped_mm)": ("qwen3_moe", "grouped_mm"),
+                "Qwen3-MoE eager (per-expert masks)": ("qwen3_moe", "eager")}
+    curves: dict[str, list[float]] = {}
+    for num_experts in args.experts:
+        torch.manual_seed(0)
+        configs = model_configs(shape, num_experts)
+        batch = torch.randint(0, VOCAB_SIZE, (shape["batch"], shape["context"]))
+        steps = {}
+        for label, (peer, implementation) in variants.items():
+            model = build(configs[peer])
+            model.set_experts_implementation(implementation)
+            steps[label] = train_step(model, batch)
+        for label, times in interleaved_seconds(steps, args.scaling_repeats).items():
+            curves.setdefault(label, []).append(1e3 * median(times))
+    return {"num_experts": list(args.experts), "top_k": TOP_K, "train_step_ms": curves}
+
+
+def plot(curves: dict, x_key: str, x_label: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, values in curves["train_step_ms"].items():
+        axis.plot(curves[x_key], values, marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(curves[x_key], [str(x) for x in curves[x_key]])
+    axis.set_xlabel(x_label)
+    axis.set_ylabel("training step (ms, median)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def markdown(results: dict) -> str:
+    """The comparison tables of docs/benchmarks.md."""
+    lines = ["| shape | peer | train tok/s (ours / theirs = ratio) | prefill tok/s | generate tok/s | peak MiB (ours / theirs) "
+             "| train FLOP/s vs fp32 peak (ours / theirs) |", "|---|---|---|---|---|---|---|"]
+    for row in results["comparisons"]:
+        ours, peer = "ours", next(label for label in row["train_tokens_per_s"] if label != "ours")
+
+        def ratio(key):
+            values = row[key]
+            return f"{values[ours]:.0f} / {values[peer]:.0f} = **{values[ours] / values[peer]:.2f}x**"
+
+        memory = row["peak_memory_mib"]
+        fraction = row["train_fraction_of_peak"]
+        lines.append(
+            f"| {row['shape']}{' MoE' if row['num_experts'] else ''} | {peer} | {ratio('train_tokens_per_s')} "
+            f"| {ratio('prefill_tokens_per_s')} | {ratio('generate_tokens_per_s')} "
+            f"| {memory[ours]:.0f} / {memory[peer]:.0f} "
+            f"| {fraction[ours]['fp32']:.0%} / {fraction[peer]['fp32']:.0%} |"
+        )
+    lines.append("")
+    lines.append(f"Matmul peak (1024³): fp32 {results['peak_gflops']['fp32']:.0f} GFLOP/s, "
+                 f"bf16 {results['peak_gflops']['bf16']:.0f} GFLOP/s.")
+    for row in results["comparisons"]:
+        fraction = row["train_fraction_of_peak"]["ours"]
+        lines.append(f"- {row['shape']}{' MoE' if row['num_experts'] else ''}: ours trains at "
+                     f"{fraction['fp32']:.0%} of the fp32 and {fraction['bf16']:.0%} of the bf16 peak "
+                     f"({row['train_gflop_per_step']:.1f} GFLOP per step).")
+    for row in results.get("precision_and_compile", []):
+        times = row["train_step_ms"]
+        extras = ", ".join(f"{label} {ms:.0f} ms ({times['fp32_eager'] / ms:.2f}x)" for label, ms in times.items()
+                           if label != "fp32_eager")
+        compile_note = f"; compiling took {row['compile_seconds']:.0f} s" if "compile_seconds" in row else ""
+        lines.append(f"- {row['shape']} dense, our training step: fp32 eager {times['fp32_eager']:.0f} ms, {extras}{compile_note}.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="acx-rt bench-speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every model")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed runs per figure (medians reported)")
+    parser.add_argument("--prompt_tokens", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens generated per run (batch 1)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time torch.compile of our model (slow to compile on a small CPU)")
+    parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure and plot step time against context length and number of experts")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--scaling_repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=Path("speed_results.json"), help="JSON with every measurement")
+    parser.add_argument("--plot_dir", type=Path, default=Path("docs/img"), help="where the scaling PNGs go")
+    args = parser.parse_args(argv)
+    for name in ("threads", "repeats", "prompt_tokens", "new_tokens", "scaling_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if min(args.contexts) < 2 or min(args.experts) < TOP_K:
+        parser.error(f"--contexts must be >= 2 and --experts >= {TOP_K} (top-{TOP_K} routing)")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
+    results = {"started": started, "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+               "load_average_at_start": os.getloadavg(), "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+               "argv": argv, "comparisons": [], "precision_and_compile": []}
+    for name in args.shapes:
+        for num_experts in (0, NUM_EXPERTS):
+            print(f"[bench-speed] {name} {'MoE' if num_experts else 'dense'} ...", file=sys.stderr, flush=True)
+            results["comparisons"].append(compare_shape(name, SHAPES[name], num_experts, args, peaks))
+        print(f"[bench-speed] {name} bf16 / compile ...", file=sys.stderr, flush=True)
+        results["precision_and_compile"].append(precision_and_compile(name, SHAPES[name], args))
+    if args.scaling:
+        print("[bench-speed] scaling ...", file=sys.stderr, flush=True)
+        results["context_scaling"] = context_scaling(args)
+        results["expert_scaling"] = expert_scaling(args)
+        plot(results["context_scaling"], "context", "context length (tokens)",
+             "Training step vs context (width 256, batch 4, sdpa)", args.plot_dir / "speed_context_scaling.png")
+        plot(results["expert_scaling"], "num_experts", f"experts (top-{TOP_K})",
+             "Training step vs number of experts (nanoGPT shape)", args.plot_dir / "speed_expert_scaling.png")
+    results["load_average_at_end"] = os.getloadavg()
+    temporary = args.output.with_name(args.output.name + ".tmp")
+    temporary.write_text(json.dumps(results, indent=2))
+    os.replace(temporary, args.output)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
