@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
     model.add_argument("--config_overrides", help='config fields, e.g. "hidden_size=128,init_scheme=xavier"')
     model.add_argument("--tokenizer_name", help="a saved tokenizer directory (e.g. a trained BPE); default: bytes")
-    model.add_argument("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
+    model.add_argument("--torch_compile", action="store_true",
+                       help="compile the model with torch.compile (the launcher's --dynamo_backend, else inductor)")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -381,6 +382,12 @@ def hyperparameters(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     return values
 
 
+def compile_plugin() -> TorchDynamoPlugin:
+    """--torch_compile: torch.compile with the launcher's Dynamo backend (ACCELERATE_DYNAMO_BACKEND), else inductor."""
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    return TorchDynamoPlugin(backend="inductor" if backend.lower() == "no" else backend)
+
+
 def hardware(accelerator: Accelerator) -> str:
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
@@ -410,7 +417,7 @@ def prepare(args: argparse.Namespace):
         step_scheduler_with_optimizer=False,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
+        dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
     output_dir = Path(args.output_dir)
     check_output_dir(args)
@@ -553,8 +560,10 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: d
     output_dir = Path(args.output_dir)
     stage = output_dir / ".final.partial"
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # get_state_dict gathers FSDP / DeepSpeed shards; a compiled model's names carry torch.compile's `_orig_mod.`.
+    state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in accelerator.get_state_dict(model).items()}
     unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=accelerator.get_state_dict(model))
+                              state_dict=state_dict)
     if not accelerator.is_main_process:
         return
     tokenizer.save_pretrained(stage)

@@ -202,6 +202,19 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, corpus, monkeypatch):
     assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.float32  # master weights stay fp32
 
 
+def test_torch_compile_trains_and_saves_plain_weight_names(tmp_path, corpus, monkeypatch):
+    """Dynamo's `eager` backend (the launcher's choice via ACCELERATE_DYNAMO_BACKEND): same math, no C++ build."""
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    assert pretraining.main(train_args(corpus, plain, "--max_train_steps", "2")) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
+    assert pretraining.main(train_args(corpus, compiled, "--max_train_steps", "2", "--torch_compile")) == 0
+    plain_weights, compiled_weights = load_file(plain / "model.safetensors"), load_file(compiled / "model.safetensors")
+    assert compiled_weights.keys() == plain_weights.keys()  # no torch.compile `_orig_mod.` prefix
+    for name in plain_weights:
+        torch.testing.assert_close(compiled_weights[name], plain_weights[name], msg=name)
+
+
 def test_perplexity_metric_against_a_naive_sum():
     nll, tokens, num_bytes = [3.0, 5.5, 0.25], [2, 3, 1], 9
     result = load_metric("perplexity").compute(predictions=nll, references=tokens, num_bytes=num_bytes)
