@@ -58,3 +58,74 @@ def test_expert_dispatch_gradients_match_naive_loop(implementation, num_experts)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     if num_experts == 16:
         assert fast[3][12:].abs().sum() == 0 and fast[4][12:].abs().sum() == 0
+
+
+# ------------------------------------------- the whole model against Transformers' own, with the same weights
+
+
+def reference_pair(kind: str):
+    """Ours (attention_scale_alpha=0: the standard 1/√d scale) and Llama or Mixtral holding the same weights.
+
+    Mixtral is the MoE reference because its block is ours without shared experts: softmax router, top-k,
+    renormalized weights, fused 3-D experts (its router is called `gate` instead of `router`).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    ours_config = (tiny_moe_config if kind == "moe" else tiny_config)(attention_scale_alpha=0.0, intermediate_size=48)
+    ours = RamanujanForCausalLM(ours_config).eval()
+    shared = dict(
+        vocab_size=ours_config.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=ours_config.rms_norm_eps,
+        pad_token_id=ours_config.pad_token_id, bos_token_id=ours_config.bos_token_id, eos_token_id=ours_config.eos_token_id,
+        intermediate_size=48, rope_parameters=dict(ours_config.rope_parameters),
+    )
+    if kind == "moe":
+        theirs = MixtralForCausalLM(MixtralConfig(**shared, num_local_experts=4, num_experts_per_tok=2))
+    else:
+        theirs = LlamaForCausalLM(LlamaConfig(**shared))
+    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in ours.state_dict().items()}
+    theirs.load_state_dict(state, strict=True)
+    return ours, theirs.eval()
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_logits_match_transformers_reference_with_left_padding(kind, implementation):
+    ours, theirs = reference_pair(kind)
+    ours.set_attn_implementation(implementation)
+    theirs.set_attn_implementation(implementation)
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on the first row
+    ids[0, :4] = ours.config.pad_token_id
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask).logits
+        expected = theirs(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_cached_greedy_generation_matches_transformers_reference(kind):
+    ours, theirs = reference_pair(kind)
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(prompt, **settings), theirs.generate(prompt, **settings))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_training_gradients_match_transformers_reference(kind):
+    """Same loss and same gradient for every weight (the MoE balance losses are switched off: Mixtral adds its own)."""
+    ours, theirs = reference_pair(kind)
+    ours.config.router_aux_loss_coef = ours.config.router_z_loss_coef = 0.0
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(7))
+    losses = [model.train()(ids, labels=ids).loss for model in (ours, theirs)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    theirs_grads = {name.replace(".mlp.gate.", ".mlp.router."): p.grad for name, p in theirs.named_parameters()}
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, theirs_grads[name], rtol=1e-4, atol=1e-6, msg=name)
