@@ -51,6 +51,7 @@ DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a Ramanujan decoder with Accelerate. Without data flags: the tiny preset on Python's "
         "built-in help text (offline, a few minutes on a laptop CPU).",
     )
@@ -60,31 +61,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--validation_split_percentage", type=float, default=10,
                       help="share of the training text (its tail) held out for validation when no validation file")
     data.add_argument("--dataset_name", help="a Hub dataset (where the network allows)")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--text_column", default="text")
-    data.add_argument("--block_size", type=int, help="tokens per training block (default: min(1024, context))")
+    data.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
+    data.add_argument("--text_column", default="text", help="column holding the text (json/csv/parquet/Hub)")
+    data.add_argument("--block_size", type=int, default=256, help="tokens per training block (context length)")
     data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
 
     model = parser.add_argument_group("model")
     model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
     model.add_argument("--config_overrides", help='config fields, e.g. "hidden_size=128,init_scheme=xavier"')
-    model.add_argument("--tokenizer_name", help="a saved tokenizer directory (e.g. a trained BPE); default: bytes")
+    model.add_argument("--tokenizer_name", help="a saved tokenizer directory (e.g. a trained BPE); None: the byte tokenizer")
     model.add_argument("--torch_compile", action="store_true",
                        help="compile the model with torch.compile (the launcher's --dynamo_backend, else inductor)")
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--per_device_train_batch_size", type=int, default=8)
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=1e-3)
+    optim.add_argument("--per_device_train_batch_size", type=int, default=8, help="blocks per process per micro-batch")
+    optim.add_argument("--per_device_eval_batch_size", type=int, default=8, help="blocks per process when evaluating")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
     optim.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
     optim.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine",
-                       choices=[kind.value for kind in SchedulerType], metavar="{linear,cosine,constant,...}")
-    optim.add_argument("--num_warmup_steps", type=int, default=0)
+                       choices=[kind.value for kind in SchedulerType], metavar="{linear,cosine,constant,...}", help="learning-rate schedule (transformers.get_scheduler)")
+    optim.add_argument("--num_warmup_steps", type=int, default=0, help="linear warmup steps")
     optim.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
-    optim.add_argument("--num_train_epochs", type=int, default=3)
+    optim.add_argument("--num_train_epochs", type=int, default=3, help="passes over the training blocks")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
-    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--seed", type=int, default=42, help="seeds the initialization, data order and dropout")
 
     run = parser.add_argument_group("outputs")
     run.add_argument("--output_dir", default="ramanujan-tiny", help="where the model, checkpoints and logs go")
@@ -217,8 +218,6 @@ def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
         )
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if args.block_size is None:
-        args.block_size = min(1024, config.max_position_embeddings)
     if args.block_size > config.max_position_embeddings:
         raise ValueError(
             f"--block_size {args.block_size} exceeds the model's max_position_embeddings "
