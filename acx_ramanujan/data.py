@@ -5,8 +5,8 @@ tokenizes with a batched `map`, concatenates every row and cuts the stream into 
 (the `group_texts` recipe of Transformers' run_clm_no_trainer.py). Both maps are cached by `datasets`.
 
 When no validation data is given, the validation split is the tail of the text, as nanoGPT's
-`data/shakespeare_char/prepare.py` does (`train = data[:0.9n]`, `val = data[0.9n:]`); we cut at the row
-boundary nearest that character count so no line is split.
+`data/shakespeare_char/prepare.py` does (`train = data[:0.9n]`, `val = data[0.9n:]`); we cut at the first row
+boundary at or after that character count, so no line is split.
 """
 
 import io
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict
+from pydoc_data.topics import topics
 
 # File suffix -> `datasets` packaged builder.
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -22,8 +23,6 @@ BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", 
 
 def default_corpus_text() -> str:
     """The embedded default corpus: the text of Python's built-in help topics, shipped with every CPython."""
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
@@ -40,8 +39,8 @@ def split_tail(dataset: Dataset, validation_split_percentage: float, text_column
     first_validation_row = next(i for i, chars in enumerate(cumulative) if chars >= cut_at) + 1
     if first_validation_row >= len(dataset):
         raise ValueError(
-            f"cannot hold out {validation_split_percentage}% of the text for validation: it is a single row; "
-            "pass --validation_file or split the text into lines"
+            f"cannot hold out {validation_split_percentage}% of the text for validation: its last row is longer "
+            "than that; pass a validation file or split the text into more rows (lines)"
         )
     return DatasetDict(
         train=dataset.select(range(first_validation_row)),

@@ -93,7 +93,7 @@ def test_default_corpus_is_pythons_help_text():
         (lambda tmp: ([str(tmp / "ok.txt"), str(tmp / "ok.csv")], {}), "mix formats"),
         (lambda tmp: ([str(tmp / "ok.txt")], {"text_column": "body"}), "no column 'body'"),
         (lambda tmp: ([str(tmp / "ok.txt")], {"validation_split_percentage": 100}), "must be in (0, 100)"),
-        (lambda tmp: ([str(tmp / "one_line.txt")], {}), "single row"),
+        (lambda tmp: ([str(tmp / "one_line.txt")], {}), "its last row is longer than that"),
         (lambda tmp: (None, {}), "no training data"),
     ],
 )
