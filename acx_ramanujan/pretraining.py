@@ -2,7 +2,8 @@
 
 The shape is Transformers' `examples/pytorch/language-modeling/run_clm_no_trainer.py` (same flag names, same
 checkpoint/resume recipe), run through Accelerate so the same script works with `python`, `accelerate launch`
-(DDP, FSDP, DeepSpeed; mixed precision from the launcher) and `--cpu --num_processes 2` (gloo).
+(DDP, FSDP, DeepSpeed; mixed precision from the launcher) and several CPU processes over gloo
+(`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`; see training_scripts/accelerate_configs).
 
 Recipe: text → byte (or BPE) tokens packed into blocks (`data.py`) → AdamW + schedule with gradient
 accumulation and clipping → evaluation (loss, perplexity, bits per byte; expert load for MoE) → checkpoints
