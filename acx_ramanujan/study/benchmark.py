@@ -13,6 +13,7 @@ A run counts as diverged when its final validation loss is NaN/inf or above its 
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -170,7 +171,7 @@ def markdown_report(args: argparse.Namespace, argv: list[str], rows: list[dict])
     return "\n".join([
         f"# acx-rt benchmark{' (MoE)' if args.moe else ''}",
         "",
-        f"Command: `acx-rt benchmark {' '.join(argv)}`  ",
+        f"Command: `acx-rt benchmark {shlex.join(argv)}`  ",
         f"Finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Seeds 0..{args.seeds - 1}, "
         f"{args.max_train_steps} steps, lr {args.learning_rate}, batch {args.per_device_train_batch_size}×{args.block_size} "
         f"tokens, preset {preset(args)} with `{args.config_overrides or '-'}`. "

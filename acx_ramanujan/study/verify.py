@@ -8,6 +8,7 @@ Two experiments, written to --output_dir as verify.json, verify.md and PNG plots
 """
 
 import argparse
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,7 +99,7 @@ def markdown_report(args: argparse.Namespace, argv: list[str], stacks: dict, cha
     lines = [
         f"# acx-rt verify, depth {depth}{' (MoE)' if args.moe else ''}",
         "",
-        f"Command: `acx-rt verify {' '.join(argv)}`  ",
+        f"Command: `acx-rt verify {shlex.join(argv)}`  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, dtype {args.dtype}, seed {args.seed}, "
         f"tokens: {args.text_file or 'random bytes'} ({args.batch_size}×{args.seq_len}).",
         "",
