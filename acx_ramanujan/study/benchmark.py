@@ -185,12 +185,13 @@ def plot_curves(args: argparse.Namespace, runs: dict, path: Path, window: int = 
     """Training loss (moving average over `window` steps, mean over seeds) per variant; one panel per depth."""
     figure, axes = plt.subplots(1, len(args.layers), figsize=(5.5 * len(args.layers), 4), squeeze=False)
     for axis, layers in zip(axes[0], args.layers):
-        for name in args.variants:
+        for index, name in enumerate(args.variants):
             curves = [runs[(layers, name, seed)]["train_loss"] for seed in range(args.seeds)]
             length = min(len(curve) for curve in curves)
             mean = [statistics.fmean(curve[step] for curve in curves) for step in range(length)]
             smooth = [statistics.fmean(mean[max(0, step - window + 1) : step + 1]) for step in range(length)]
-            axis.plot(range(1, length + 1), smooth, label=name)
+            color = plt.cm.tab20(2 * (index % 10) + (index // 10) % 2)  # 10 dark hues, then their light shades
+            axis.plot(range(1, length + 1), smooth, label=name, color=color)
         axis.set(xlabel="step", ylabel=f"train loss ({window}-step mean)", title=f"{layers} layers")
         axis.legend(fontsize=7)
     save_figure(figure, path)
