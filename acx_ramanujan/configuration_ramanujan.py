@@ -13,16 +13,21 @@ from .initialization_ramanujan import INIT_SCHEMES
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
+# The seed's attention temperature α, which `init_scheme="ramanujan"` brings along unless α is set explicitly.
+SEED_ATTENTION_SCALE_ALPHA = 0.3
+
 
 class RamanujanConfig(PreTrainedConfig):
     r"""Configuration of a Ramanujan decoder (dense when `num_experts == 0`, mixture-of-experts otherwise).
 
     The default vocabulary is the byte tokenizer's: 256 byte ids, then pad (256), bos (257), eos (258).
 
-    Initialization: `init_scheme` picks the formula (see `initialization_ramanujan.weight_std`);
+    Initialization: `init_scheme` picks the formula (see `initialization_ramanujan.weight_std`). The default is
+    "normal" (GPT-2's rule) because it trained best in docs/init-study.md; "ramanujan" is the seed's scheme.
     `ramanujan_depth` / `ramanujan_transition` set R and T of the seed's schedule (None: derived from depth);
     `ramanujan_gain` multiplies every decoder weight's std. `attention_scale_alpha` / `attention_scale_decay`
-    give layer l the attention scale 1 / (√head_dim · (1 + α·e^(−λ·l))); α = 0 is the standard scale.
+    give layer l the attention scale 1 / (√head_dim · (1 + α·e^(−λ·l))); α = 0 is the standard scale, and
+    α = None takes the scheme's own: the seed's 0.3 for "ramanujan", 0 for the baselines.
     Ablation switches, to take the Ramanujan scheme apart: `embedding_init_scheme` / `lm_head_init_scheme`
     draw the embedding / untied head with another scheme's rule (None: `init_scheme`'s), and
     `ramanujan_layer_schedule=False` drops the per-layer multiplier (σ = gain/√fan_in in every layer).
@@ -62,12 +67,12 @@ class RamanujanConfig(PreTrainedConfig):
     output_router_logits: bool = False
 
     # Initialization
-    init_scheme: str = "ramanujan"
+    init_scheme: str = "normal"
     ramanujan_depth: int | None = None
     ramanujan_transition: int | None = None
     ramanujan_gain: float = 1.0
     initializer_range: float = 0.02
-    attention_scale_alpha: float = 0.3
+    attention_scale_alpha: float | None = None
     attention_scale_decay: float = 0.5
     # Ablation switches (docs/init-study.md): which scheme's rule draws the embedding / the untied head
     # (None: init_scheme's), and whether the Ramanujan scheme applies its per-layer schedule to linear weights.
@@ -80,6 +85,8 @@ class RamanujanConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.attention_scale_alpha is None:
+            self.attention_scale_alpha = SEED_ATTENTION_SCALE_ALPHA if self.init_scheme == "ramanujan" else 0.0
         self._check_values()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads

@@ -15,7 +15,8 @@ def test_defaults_follow_llama_conventions():
     assert config.head_dim == 16
     assert config.num_key_value_heads == 4
     assert config.rope_parameters["rope_theta"] == 10000.0
-    assert config.init_scheme == "ramanujan"
+    assert config.init_scheme == "normal"  # the best-measured scheme (docs/init-study.md)
+    assert config.attention_scale_alpha == 0.0
     assert config.moe_intermediate_size == config.intermediate_size
     assert not config.is_moe
 
@@ -96,3 +97,10 @@ def test_first_k_dense_layers():
     config = RamanujanConfig(num_hidden_layers=4, num_experts=4, first_k_dense_layers=1)
     assert [config.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
     assert not any(RamanujanConfig(num_hidden_layers=4).is_moe_layer(i) for i in range(4))
+
+
+def test_ramanujan_scheme_brings_the_seed_attention_temperature():
+    assert RamanujanConfig(init_scheme="ramanujan").attention_scale_alpha == 0.3
+    assert RamanujanConfig(init_scheme="ramanujan", attention_scale_alpha=0.0).attention_scale_alpha == 0.0
+    assert RamanujanConfig(init_scheme="xavier").attention_scale_alpha == 0.0
+    assert RamanujanConfig(init_scheme="normal", attention_scale_alpha=0.3).attention_scale_alpha == 0.3

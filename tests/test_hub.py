@@ -311,7 +311,7 @@ def card_table(text: str, header_start: str) -> list[list[str]]:
 
 
 def test_hub_card_metadata_parses_and_states_measured_results(tmp_path):
-    config = tiny_config(num_hidden_layers=3)
+    config = tiny_config(num_hidden_layers=3, init_scheme="ramanujan")
     eval_results = {"eval_loss": 1.91, "perplexity": math.exp(1.91), "bits_per_byte": 2.76, "eval_runtime": 3.5}
     training = {"steps": 200, "tokens": 153600, "wall_time_s": 41.5, "hardware": "2-core CPU",
                 "hyperparameters": {"learning_rate": 1e-3, "block_size": 64}}

@@ -90,6 +90,7 @@ def test_empirical_weight_std_follows_schedule():
     torch.manual_seed(0)
     config = RamanujanConfig(
         vocab_size=259, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+        init_scheme="ramanujan",
     )
     model = RamanujanForCausalLM(config)
     scales = ramanujan_layer_scales(config)
@@ -116,7 +117,7 @@ def test_moe_expert_and_router_std():
     torch.manual_seed(0)
     config = RamanujanConfig(
         vocab_size=259, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_experts=8, moe_intermediate_size=128,
+        num_experts=8, moe_intermediate_size=128, init_scheme="ramanujan",
     )
     model = RamanujanForCausalLM(config)
     scales = ramanujan_layer_scales(config)
@@ -162,7 +163,9 @@ def test_baseline_models_draw_their_std(scheme):
 
 def test_tied_embeddings_keep_embedding_rule():
     torch.manual_seed(0)
-    config = RamanujanConfig(hidden_size=128, num_attention_heads=4, num_hidden_layers=2, tie_word_embeddings=True)
+    config = RamanujanConfig(
+        hidden_size=128, num_attention_heads=4, num_hidden_layers=2, tie_word_embeddings=True, init_scheme="ramanujan"
+    )
     model = RamanujanForCausalLM(config)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     peak = max(abs(x) for x in reference_coefficients(2))  # R = min(4, L) = 2 for a 2-layer stack
