@@ -21,7 +21,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_shakespeare() -> Path:
     if not TINY_SHAKESPEARE.is_file():
         pytest.skip(f"needs ../shared/data/tinyshakespeare.txt (absent at {TINY_SHAKESPEARE})")

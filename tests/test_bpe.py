@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import TINY_SHAKESPEARE, tiny_config
+from conftest import tiny_config
 from test_tokenization import BOS, EOS, HARD_STRINGS, PAD
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -18,10 +18,8 @@ VOCAB_SIZE = 320
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    if not TINY_SHAKESPEARE.is_file():
-        pytest.skip(f"needs ../shared/data/tinyshakespeare.txt (absent at {TINY_SHAKESPEARE})")
-    return TINY_SHAKESPEARE
+def corpus(tiny_shakespeare):
+    return tiny_shakespeare
 
 
 @pytest.fixture(scope="module")
