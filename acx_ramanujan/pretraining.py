@@ -36,6 +36,7 @@ from transformers import AutoTokenizer, SchedulerType, default_data_collator, ge
 
 from hub_cards import write_model_card
 
+from .atomic_files import write_json_atomically, write_text_atomically
 from .configuration_ramanujan import RamanujanConfig
 from .data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
 from .hub import push_to_hub
@@ -247,13 +248,6 @@ class Progress:
             setattr(self, name, value)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 class MetricsLog:
     """`output_dir/metrics.jsonl`: one JSON object per logged step or evaluation (main process only)."""
 
@@ -264,9 +258,7 @@ class MetricsLog:
             if resume_step is not None and path.is_file():
                 # Drop what the interrupted run logged after its checkpoint: the resumed run logs it again.
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text("".join(line + "\n" for line in kept))
-            os.replace(partial, path)
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict) -> None:
         if self.accelerator.is_main_process:
@@ -573,9 +565,9 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: d
         "train_runtime_s": round(progress.train_seconds, 3),
         "train_tokens_per_second": progress.tokens_seen / max(progress.train_seconds, 1e-9),
     }
-    write_json(stage / "eval_results.json", eval_results)
-    write_json(stage / "training_args.json", hyperparameters(args, accelerator))
-    write_json(stage / "all_results.json", {**train_results, **eval_results})
+    write_json_atomically(stage / "eval_results.json", eval_results)
+    write_json_atomically(stage / "training_args.json", hyperparameters(args, accelerator))
+    write_json_atomically(stage / "all_results.json", {**train_results, **eval_results})
     for item in stage.iterdir():
         os.replace(item, output_dir / item.name)
     stage.rmdir()

@@ -10,7 +10,6 @@ against context length on the sdpa path, and against the number of experts at to
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -23,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from .atomic_files import write_atomically, write_json_atomically
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
 
@@ -268,11 +268,8 @@ def plot(curves: dict, x_key: str, x_label: str, title: str, path: Path) -> None
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110))
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def markdown(results: dict) -> str:
@@ -359,9 +356,7 @@ def main(argv: list[str]) -> int:
         plot(results["expert_scaling"], "num_experts", f"experts (top-{TOP_K})",
              "Training step vs number of experts (nanoGPT shape)", args.plot_dir / "speed_expert_scaling.png")
     results["load_average_at_end"] = os.getloadavg()
-    temporary = args.output.with_name(args.output.name + ".tmp")
-    temporary.write_text(json.dumps(results, indent=2))
-    os.replace(temporary, args.output)
+    write_json_atomically(args.output, results)
     print(markdown(results))
     return 0
 

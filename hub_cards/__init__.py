@@ -7,8 +7,6 @@ from a config and a run's measured numbers, and writes `output_dir/README.md`. T
 """
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -18,6 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 import acx_ramanujan
+from acx_ramanujan.atomic_files import write_text_atomically
 from acx_ramanujan.initialization_ramanujan import ramanujan_layer_scales, weight_std
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -93,7 +92,7 @@ def write_model_card(
         hyperparameters=[(name, value) for name, value in sorted((training.get("hyperparameters") or {}).items())],
     )
     card = ModelCard(content)  # parses the YAML header back: a card the Hub would reject fails here
-    return write_atomically(output_dir / "README.md", str(card))
+    return write_text_atomically(output_dir / "README.md", str(card))
 
 
 def scalar_metrics(eval_results: dict) -> dict[str, float]:
@@ -188,19 +187,6 @@ def format_number(value: float) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-
-
-def write_atomically(path: Path, text: str) -> Path:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a card."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 __all__ = ["write_model_card"]

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt
 from .. import pretraining
 from ..configuration_ramanujan import RamanujanConfig
 from ..initialization_ramanujan import INIT_SCHEMES
-from .reporting import markdown_table, parse_name_list, save_figure, write_json, write_text
+from ..atomic_files import write_json_atomically, write_text_atomically
+from .reporting import markdown_table, parse_name_list, save_figure
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -207,9 +208,9 @@ def main(argv: list[str]) -> int:
     rows = summarize(args, runs)
     records = {f"{layers}L-{name}-seed{seed}": {k: v for k, v in run.items() if k != "train_loss"}
                for (layers, name, seed), run in runs.items()}
-    write_json(args.output_dir / "benchmark.json", {
+    write_json_atomically(args.output_dir / "benchmark.json", {
         "command": ["acx-rt", "benchmark", *argv], "variants": args.variants, "summary": rows, "runs": records})
-    write_text(args.output_dir / "benchmark.md", markdown_report(args, argv, rows))
+    write_text_atomically(args.output_dir / "benchmark.md", markdown_report(args, argv, rows))
     plot_curves(args, runs, args.output_dir / "benchmark_loss.png")
     print(markdown_report(args, argv, rows))
     return 0

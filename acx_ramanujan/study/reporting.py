@@ -3,9 +3,6 @@
 Every file is written under a temporary name and renamed, so an interrupted run leaves nothing half-written.
 """
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,27 +10,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(temporary, path)
-
-
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+from ..atomic_files import write_atomically  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight"))
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

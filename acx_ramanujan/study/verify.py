@@ -21,7 +21,8 @@ from ..initialization_ramanujan import INIT_SCHEMES
 from ..modeling_ramanujan import RamanujanForCausalLM
 from .chains import ACTIVATIONS, chain_closed_form_log10, chain_measured_log10
 from .probes import byte_token_batch, layer_gradient_norms, residual_rms_per_layer
-from .reporting import markdown_table, parse_name_list, save_figure, write_json, write_text
+from ..atomic_files import write_json_atomically, write_text_atomically
+from .reporting import markdown_table, parse_name_list, save_figure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -163,8 +164,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     report = {"command": ["acx-rt", "verify", *argv], "settings": settings, "stacks": stacks, "chains": chains}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.output_dir / "verify.json", report)
-    write_text(args.output_dir / "verify.md", markdown_report(args, argv, stacks, chains))
+    write_json_atomically(args.output_dir / "verify.json", report)
+    write_text_atomically(args.output_dir / "verify.md", markdown_report(args, argv, stacks, chains))
     plot_stacks(stacks, args.depth, args.output_dir)
     if chains is not None:
         plot_chains(chains, args.depth, args.output_dir)
