@@ -6,6 +6,7 @@ masks through `masking_utils`, the KV cache through `cache_utils`. What is ours:
 initialization (`initialization_ramanujan`) and the seed's per-layer attention temperature.
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -222,7 +223,8 @@ class RamanujanExperts(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of_assignment = order // top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        routed = hidden_states[token_of_assignment]
+        # index_select, not `hidden_states[index]`: its backward is an index_add, cheaper on CPU than index_put.
+        routed = hidden_states.index_select(0, token_of_assignment)
         # unbind, not `weight[expert]`: each indexing's backward would write a full-size zero gradient (cost ∝ E²).
         per_expert = zip(routed.split(counts), self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
         outputs = []
@@ -231,7 +233,8 @@ class RamanujanExperts(nn.Module):
                 continue
             gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)
             outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
-        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
+        assignment_weights = top_k_weights.reshape(-1).index_select(0, order)[:, None].to(hidden_states.dtype)
+        expert_out = torch.cat(outputs) * assignment_weights
         return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, expert_out)
 
 
@@ -557,6 +560,13 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
+
+
+# `generate()` calls `inspect.signature(model.forward)` on every token for models registered for remote code, as ours
+# are (a backward-compatibility check for `cache_position` in `prepare_inputs_for_generation`, Transformers 5.x).
+# Python returns a function's `__signature__` when it has one, so storing it makes that check a lookup
+# (about 45 µs per token at the nanoGPT shape; docs/benchmarks.md, Speed).
+RamanujanForCausalLM.forward.__signature__ = inspect.signature(RamanujanForCausalLM.forward)
 
 
 class RamanujanForSequenceClassification(RamanujanPreTrainedModel):

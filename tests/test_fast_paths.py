@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_moe_config
+from conftest import tiny_config, tiny_moe_config
 
 from acx_ramanujan import RamanujanForCausalLM
 
@@ -129,3 +129,28 @@ def test_training_gradients_match_transformers_reference(kind):
     theirs_grads = {name.replace(".mlp.gate.", ".mlp.router."): p.grad for name, p in theirs.named_parameters()}
     for name, parameter in ours.named_parameters():
         torch.testing.assert_close(parameter.grad, theirs_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generate_does_not_recompute_the_forward_signature_per_token(monkeypatch):
+    """generate() inspects `model.forward` on every token for remote-code models; ours answers from a stored signature.
+
+    The stored signature must be forward's own, and the number of signatures computed must not grow with the tokens.
+    """
+    import inspect
+
+    forward = RamanujanForCausalLM.forward
+    assert forward.__signature__ == inspect.signature(inspect.unwrap(forward))
+    model = RamanujanForCausalLM(tiny_config()).eval()
+    assert model.is_remote_code()  # registered for AutoModel: the path that runs the per-token check
+
+    computed = []
+    compute = inspect._signature_from_function
+    monkeypatch.setattr(inspect, "_signature_from_function", lambda *a, **k: computed.append(1) or compute(*a, **k))
+
+    def signatures_computed(new_tokens):
+        computed.clear()
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+        return len(computed)
+
+    assert signatures_computed(12) == signatures_computed(2)
