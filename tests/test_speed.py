@@ -1,0 +1,40 @@
+"""The speed benchmarks compare like with like, and the bounds' hand-written decode step computes what the model does."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from acx_ramanujan import RamanujanForCausalLM
+from acx_ramanujan.speed import NUM_EXPERTS, SHAPES, build, model_configs
+from acx_ramanujan.speed_bounds import bare_decode_step
+
+
+def parameter_counts(model) -> dict[str, int]:
+    return {name: p.numel() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("num_experts", [0, NUM_EXPERTS])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_ours_and_the_peer_have_the_same_parameters(shape, num_experts):
+    """Same shapes on both sides; the only extra weights are Qwen3's per-head q/k norms (work it does and we don't)."""
+    with torch.device("meta"):
+        ours, peer = (build(config) for config in model_configs(SHAPES[shape], num_experts).values())
+    theirs = parameter_counts(peer)
+    qk_norms = {name: n for name, n in theirs.items() if name.endswith(("q_norm.weight", "k_norm.weight"))}
+    assert bool(qk_norms) == bool(num_experts)  # Llama has none, Qwen3-MoE one pair per layer
+    assert sum(parameter_counts(ours).values()) == sum(theirs.values()) - sum(qk_norms.values())
+
+
+@pytest.mark.parametrize("init_scheme", ["normal", "ramanujan"])  # ramanujan: a per-layer attention temperature
+def test_bare_decode_step_matches_the_model(init_scheme):
+    """The "kernels alone" decode step gives the model's own next-token logits (GQA, cache of 7 tokens)."""
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM(tiny_config(init_scheme=init_scheme)).eval()
+    prompt, token = torch.randint(0, 256, (2, 7)), torch.randint(0, 256, (2, 1))
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+        keys = [layer.keys.clone() for layer in cache.layers]
+        values = [layer.values.clone() for layer in cache.layers]
+        expected = model(token, past_key_values=cache).logits
+        got = bare_decode_step(model, keys, values, position=7)(token)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
