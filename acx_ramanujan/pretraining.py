@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from huggingface_hub import get_token
 from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
+from transformers.utils import CONFIG_NAME
 
 from hub_cards import write_model_card
 
@@ -195,6 +196,22 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
+def check_resume_config(resume_path: Path, config: RamanujanConfig) -> None:
+    """A checkpoint resumes the model it was saved from: name the config fields that differ (rather than fail later
+    inside Accelerate on a weight shape). Checkpoints without a saved config are left to Accelerate."""
+    saved_file = resume_path / CONFIG_NAME
+    if not saved_file.is_file():
+        return
+    saved, current = RamanujanConfig.from_json_file(str(saved_file)).to_dict(), config.to_dict()
+    bookkeeping = {"transformers_version", "architectures", "auto_map", "_name_or_path"}
+    differing = sorted(key for key in saved.keys() | current.keys()
+                       if key not in bookkeeping and saved.get(key) != current.get(key))
+    if differing:
+        details = "; ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now" for key in differing)
+        raise ValueError(f"--resume_from_checkpoint {resume_path}: the model config differs ({details}); "
+                         "resume with the same --config_name and --config_overrides")
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-STEP folders in output_dir, oldest first."""
     pattern = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
@@ -268,13 +285,16 @@ class MetricsLog:
         self.accelerator.log(scalars, step=step)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
-    """`accelerator.save_state` into a temporary folder renamed to checkpoint-STEP; prune to the newest N."""
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None,
+                    config: RamanujanConfig) -> Path:
+    """`accelerator.save_state` plus the model config into a temporary folder renamed to checkpoint-STEP; prune to
+    the newest N. The config lets a resume refuse a different model by name (`check_resume_config`)."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     partial = output_dir / f".{final.name}.partial"
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        config.to_json_file(partial / CONFIG_NAME)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -414,6 +434,8 @@ def prepare(args: argparse.Namespace):
     output_dir = Path(args.output_dir)
     check_output_dir(args)
     resume_path = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    if resume_path is not None:
+        check_resume_config(resume_path, config)
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     with accelerator.main_process_first():
@@ -515,9 +537,9 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                     eval_results, last_eval_step = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config), step
                     metrics_log.log(step, eval_results)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, output_dir, step, args.save_total_limit)
+                    save_checkpoint(accelerator, output_dir, step, args.save_total_limit, config)
                 if accelerator.check_trigger():
-                    path = save_checkpoint(accelerator, output_dir, step, args.save_total_limit)
+                    path = save_checkpoint(accelerator, output_dir, step, args.save_total_limit, config)
                     bar.close()
                     signum = received[0] if received else signal.SIGTERM
                     accelerator.print(f"Stopped by {signal.Signals(signum).name}; resume with "

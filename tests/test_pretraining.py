@@ -132,7 +132,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus):
     assert json.loads((full / "eval_results.json").read_text()) == json.loads((resumed / "eval_results.json").read_text())
 
 
-def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus):
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     command = [sys.executable, str(REPO_ROOT / "training_scripts" / "pretrain.py"),
                *train_args(corpus, out, "--max_train_steps", "100000")]
@@ -153,6 +153,10 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus):
     extra = ("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest")
     other_batch = train_args(corpus, out, *extra, "--gradient_accumulation_steps", "2")
     assert pretraining.main(other_batch) == 2  # the data position would not match: refused
+    other_model = train_args(corpus, out, *extra, overrides=TINY.replace("num_hidden_layers=2", "num_hidden_layers=3"))
+    assert pretraining.main(other_model) == 2  # another model: refused before any data is read, naming the field
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the model config differs (num_hidden_layers: 2 in the checkpoint, 3 now)" in error
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     assert pretraining.main(train_args(corpus, out, *extra)) == 0
