@@ -9,7 +9,6 @@
   train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model.
 """
 
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-from hub_cards import write_model_card
+from hub_cards import hardware_description, write_model_card
 
 from .data import load_raw_datasets
 from .lora import LoraArguments, apply_lora, save_merged
@@ -195,12 +194,6 @@ def make_trainer(model, task_type: str, lora_args: LoraArguments, training_args,
     )
 
 
-def hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()})"
-
-
 def write_card(directory: Path, model, eval_results: dict, train_metrics: dict, training_args, model_args, dataset_name):
     """README.md model card for Ramanujan checkpoints (hub_cards); other architectures keep Trainer's files only."""
     config = model.config
@@ -211,7 +204,7 @@ def write_card(directory: Path, model, eval_results: dict, train_metrics: dict, 
     training = {
         "steps": train_metrics.get("global_step"),
         "wall_time_s": train_metrics.get("train_runtime"),
-        "hardware": hardware_name(training_args.device),
+        "hardware": hardware_description(training_args.device, training_args.world_size),
         "hyperparameters": {
             "model_name_or_path": source,
             "learning_rate": training_args.learning_rate,

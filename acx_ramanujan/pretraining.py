@@ -35,7 +35,7 @@ from huggingface_hub import get_token
 from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
 from transformers.utils import CONFIG_NAME
 
-from hub_cards import write_model_card
+from hub_cards import hardware_description, write_model_card
 
 from .atomic_files import write_json_atomically, write_text_atomically
 from .configuration_ramanujan import RamanujanConfig
@@ -400,12 +400,6 @@ def compile_plugin() -> TorchDynamoPlugin:
     return TorchDynamoPlugin(backend="inductor" if backend.lower() == "no" else backend)
 
 
-def hardware(accelerator: Accelerator) -> str:
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
-    return f"{accelerator.num_processes} process(es), {name}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -598,7 +592,7 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: d
         "steps": progress.completed_steps,
         "tokens": progress.tokens_seen,
         "wall_time_s": round(progress.train_seconds, 1),
-        "hardware": hardware(accelerator),
+        "hardware": hardware_description(accelerator.device, accelerator.num_processes),
         "hyperparameters": hyperparameters(args, accelerator),
     })
     accelerator.print(f"Saved the model, tokenizer and model card to {output_dir}: eval_loss "

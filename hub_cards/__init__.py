@@ -7,9 +7,12 @@ from a config and a run's measured numbers, and writes `output_dir/README.md`. T
 """
 
 import math
+import os
+import platform
 from pathlib import Path
 
 import jinja2
+import torch
 from accelerate import init_empty_weights
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
@@ -183,10 +186,19 @@ def compute_rows(training: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def hardware_description(device, num_processes: int) -> str:
+    """The card's "Hardware" fact, the same for pretraining and fine-tuning: process count and device name."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{os.cpu_count()}-core {device.type.upper()} ({platform.machine()})"
+    return f"{num_processes} process{'es' if num_processes > 1 else ''} on {name}"
+
+
 def format_number(value: float) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
 
 
-__all__ = ["write_model_card"]
+__all__ = ["hardware_description", "write_model_card"]

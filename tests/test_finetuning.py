@@ -23,6 +23,7 @@ from acx_ramanujan.finetune_trainer import parse_arguments
 from acx_ramanujan.lora import LoraArguments, lora_config
 from acx_ramanujan.modeling_ramanujan import load_balancing_loss, router_z_loss
 from acx_ramanujan.tokenization_ramanujan import RamanujanByteTokenizer
+from hub_cards import hardware_description
 
 BOS, EOS = 257, 258
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0", "--logging_steps", "1"]
@@ -136,7 +137,9 @@ def test_packed_text_run_writes_model_metrics_and_card(kind, request, tiny_shake
             assert entry["expert_load_min"] <= 1 / 4 <= entry["expert_load_max"] <= 1
     reloaded = RamanujanForCausalLM.from_pretrained(output)
     assert not torch.equal(reloaded.lm_head.weight, RamanujanForCausalLM.from_pretrained(checkpoint).lm_head.weight)
-    assert "perplexity" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "perplexity" in card
+    assert hardware_description(torch.device("cpu"), 1) in card  # the same wording as a pretraining card
 
 
 def test_moe_router_losses_are_part_of_the_trainer_loss(moe_checkpoint, prompt_response_file, tmp_path):

@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from acx_ramanujan import pretraining
+from hub_cards import hardware_description
 from acx_ramanujan.data import default_corpus_text
 from acx_ramanujan.metrics import load_metric
 
@@ -88,6 +89,7 @@ def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
     assert bool(list(out.rglob("events.out.tfevents*"))) == bool(tracking)
     assert not list(out.glob("*.partial")) and not list(out.glob(".*partial"))
     assert "auto_map" in json.loads((out / "config.json").read_text())
+    assert hardware_description(torch.device("cpu"), 1) in (out / "README.md").read_text()  # as a fine-tuning card
 
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_loss"] == pytest.approx(naive_eval_loss(out, corpus), rel=1e-5)
