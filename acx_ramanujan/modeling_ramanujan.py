@@ -32,7 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ramanujan import RamanujanConfig
-from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, weight_std
+from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, scheme_for_role, weight_std
 
 
 class RamanujanRMSNorm(nn.Module):
@@ -342,15 +342,15 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         """Draw every weight from `initialization_ramanujan.weight_std` for `config.init_scheme`.
 
         Uses `transformers.initialization`, which skips tensors already loaded by `from_pretrained`.
-        The Ramanujan scheme draws decoder weights from a normal truncated at ±2σ (as the seed does);
-        the baselines draw plain normals.
+        The Ramanujan scheme draws its weights from a normal truncated at ±2σ (as the seed does); the baselines
+        draw plain normals. Each weight is drawn the way its own scheme draws (`scheme_for_role`: the ablation
+        switches can give the embedding or head another scheme than the decoder layers).
         """
         config = self.config
-        draw = init.trunc_normal_ if config.init_scheme == "ramanujan" else init.normal_
 
         def fill(tensor: torch.Tensor, role: str, fan_in: int, fan_out: int, layer_idx: int | None = None):
             std = weight_std(config, role, fan_in, fan_out, layer_idx)
-            if draw is init.trunc_normal_:
+            if scheme_for_role(config, role) == "ramanujan":
                 init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
             else:
                 init.normal_(tensor, mean=0.0, std=std)

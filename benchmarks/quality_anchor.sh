@@ -11,6 +11,7 @@ DATA=${DATA:-../shared/data/tinyshakespeare.txt}
 OUT=${OUT:-$(mktemp -d -t quality-anchor-XXXX)}
 PRESETS=${PRESETS:-"tiny tiny-moe"}
 [[ -f $DATA ]] || { echo "quality_anchor.sh: $DATA not found (set DATA=...)" >&2; exit 2; }
+mkdir -p "$OUT"
 
 for preset in $PRESETS; do
   start=$(date +%s.%N)

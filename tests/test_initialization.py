@@ -170,3 +170,22 @@ def test_tied_embeddings_keep_embedding_rule():
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     peak = max(abs(x) for x in reference_coefficients(2))  # R = min(4, L) = 2 for a 2-layer stack
     assert model.lm_head.weight.std().item() == pytest.approx(0.02 * math.sqrt(1 / peak) * truncated_normal_std_factor(), rel=0.1)
+
+
+@pytest.mark.parametrize("decoder_scheme, outer_scheme", [("normal", "ramanujan"), ("ramanujan", "normal")])
+def test_ablation_switches_draw_each_weight_the_way_its_own_scheme_does(decoder_scheme, outer_scheme):
+    """Embedding and untied head set to another scheme: truncated at ±2σ exactly when their own scheme truncates."""
+    torch.manual_seed(0)
+    config = RamanujanConfig(hidden_size=128, num_attention_heads=4, num_hidden_layers=2, tie_word_embeddings=False,
+                             init_scheme=decoder_scheme, embedding_init_scheme=outer_scheme, lm_head_init_scheme=outer_scheme)
+    model = RamanujanForCausalLM(config)
+    factor = truncated_normal_std_factor()
+    weights = {
+        "embedding": (model.model.embed_tokens.weight, outer_scheme, weight_std(config, "embedding", 128, config.vocab_size)),
+        "lm_head": (model.lm_head.weight, outer_scheme, weight_std(config, "lm_head", 128, config.vocab_size)),
+        "linear": (model.model.layers[0].self_attn.q_proj.weight, decoder_scheme, weight_std(config, "linear", 128, 128, 0)),
+    }
+    for role, (weight, scheme, std) in weights.items():
+        truncated = scheme == "ramanujan"
+        assert (weight.abs().max().item() <= 2 * std + 1e-7) == truncated, role  # ~4.6 % of a plain normal lies beyond
+        assert weight.std().item() == pytest.approx(std * (factor if truncated else 1.0), rel=0.05), role
