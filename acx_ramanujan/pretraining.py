@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = parser.add_argument_group("outputs")
     run.add_argument("--output_dir", default="ramanujan-tiny", help="where the model, checkpoints and logs go")
     run.add_argument("--overwrite_output_dir", action="store_true", help="start over in an output dir holding a run")
-    run.add_argument("--checkpointing_steps", type=int, help="save a checkpoint every N optimizer steps")
+    run.add_argument("--checkpointing_steps", type=steps_or_epoch, metavar="{N,epoch}",
+                     help="save a checkpoint every N optimizer steps, or at the end of every epoch")
     run.add_argument("--save_total_limit", type=int, help="keep only the newest N checkpoints")
     run.add_argument("--resume_from_checkpoint", help="a checkpoint-STEP directory, or `latest` in --output_dir")
     run.add_argument("--eval_steps", type=int, help="evaluate every N optimizer steps (always at the end)")
@@ -106,6 +107,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- checking inputs
+
+
+def steps_or_epoch(text: str) -> int | str:
+    """`--checkpointing_steps`: a positive number of optimizer steps, or `epoch` (as in run_clm_no_trainer)."""
+    if text == "epoch":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer or 'epoch', got {text!r}")
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -154,8 +164,7 @@ def _parse_typed(name: str, raw: str, annotation) -> object:
 def check_args(args: argparse.Namespace) -> None:
     """Errors a user can fix, found before any data is read."""
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_train_steps", "num_train_epochs", "checkpointing_steps", "eval_steps", "save_total_limit",
-                "block_size")
+                "max_train_steps", "num_train_epochs", "eval_steps", "save_total_limit", "block_size")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -530,7 +539,8 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                 if args.eval_steps and step % args.eval_steps == 0:
                     eval_results, last_eval_step = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config), step
                     metrics_log.log(step, eval_results)
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                every = steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
+                if every and step % every == 0:
                     save_checkpoint(accelerator, output_dir, step, args.save_total_limit, config)
                 if accelerator.check_trigger():
                     path = save_checkpoint(accelerator, output_dir, step, args.save_total_limit, config)

@@ -40,7 +40,8 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """3 kB of Python's help text: 84 train blocks of 32 bytes (21 batches of 4), 9 validation blocks."""
+    """3 kB of Python's help text: about 85 train blocks of 32 bytes (about 22 batches of 4; the text varies a little
+    between Python builds) and 9 validation blocks."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(default_corpus_text()[:3000], encoding="utf-8")
     return path
@@ -113,7 +114,7 @@ def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus):
     """Dropout on, accumulation 2, a resume mid-epoch and an epoch boundary after it: weights and loss identical."""
-    # 21 batches per epoch, 2 per step: steps 1-11 are epoch 0 (step 11 has one batch), 12-14 epoch 1.
+    # About 22 batches per epoch, 2 per step: steps 1-11 are epoch 0, 12-14 epoch 1.
     common = ("--max_train_steps", "14", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4")
     overrides = TINY + ",attention_dropout=0.1"
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -228,6 +229,18 @@ def test_perplexity_metric_against_a_naive_sum():
     assert result["perplexity"] == pytest.approx(math.exp(8.75 / 6))
     assert result["bits_per_byte"] == pytest.approx(8.75 / math.log(2) / 9)
     assert "bits_per_byte" not in load_metric("perplexity").compute(predictions=nll, references=tokens)
+
+
+def test_checkpointing_every_epoch(tmp_path, corpus, capsys):
+    """`--checkpointing_steps epoch` saves when each epoch's last step completes: after 2 epochs, at E and 2E steps."""
+    out = tmp_path / "run"
+    assert pretraining.main(train_args(corpus, out, "--num_train_epochs", "2", "--checkpointing_steps", "epoch")) == 0
+    steps = json.loads((out / "all_results.json").read_text())["train_steps"]
+    assert [path.name for path in pretraining.list_checkpoints(out)] == [f"checkpoint-{steps // 2}", f"checkpoint-{steps}"]
+    with pytest.raises(SystemExit) as exit_info:
+        pretraining.parse_args(["--checkpointing_steps", "weekly"])
+    assert exit_info.value.code == 2
+    assert "expected a positive integer or 'epoch', got 'weekly'" in capsys.readouterr().err
 
 
 def test_config_overrides_are_typed_from_the_config_fields():
