@@ -49,7 +49,7 @@ def push_to_hub(
 
     Raises ValueError naming the problem for a bad repo id, a directory without config, weights, tokenizer
     or code files, weights whose names or shapes differ from what the config builds, and a missing token —
-    all before anything is sent.
+    all before anything is sent — and for `private` with an existing public repo, before anything is uploaded.
     """
     output_dir = Path(output_dir)
     try:
@@ -69,6 +69,10 @@ def push_to_hub(
             raise ValueError(f"the Hub at {api.endpoint} rejected the token (401): check HF_TOKEN or `hf auth login`") from None
         raise
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if private and not api.repo_info(repo_id).private:
+        # create_repo leaves an existing repo's visibility alone: refuse rather than upload into a public repo.
+        raise ValueError(f"{repo_id} already exists and is public, so --private would not apply; make it private on "
+                         "the Hub (or with HfApi.update_repo_settings) first, or push without --private")
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     return api.upload_folder(
@@ -180,7 +184,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="acx-rt push", description="Push a saved model directory to the Hugging Face Hub in one commit.")
     parser.add_argument("output_dir", help="directory written by `acx-rt train` / `acx-rt finetune` (or save_pretrained)")
     parser.add_argument("repo_id", help="namespace/name on the Hub")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repository as private; refused for an existing public repository")
     parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
     parser.add_argument("--commit_message", help="commit message (default: 'Upload <dir> with acx-rt push')")
     return parser.parse_args(argv)

@@ -138,6 +138,17 @@ def test_hub_cli_push_to_private_branch(hub, base_run, capsys):
         HfApi(token=False).model_info(repo_id)
 
 
+def test_hub_push_private_into_an_existing_public_repo_is_refused(hub, base_run, capsys):
+    """create_repo(exist_ok=True) keeps a public repo public: --private must not upload into it."""
+    repo_id = "test-user/tiny-public"
+    assert acx_rt(["push", str(base_run), repo_id]) == 0
+    commits_before = len(hub.repos[repo_id].commits)
+    assert acx_rt(["push", str(base_run), repo_id, "--private"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "already exists and is public" in message[0]
+    assert len(hub.repos[repo_id].commits) == commits_before and not hub.repos[repo_id].private
+
+
 def test_hub_push_without_token_fails_before_any_request(hub, base_run, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
     assert not os.path.exists(constants.HF_TOKEN_PATH)  # conftest's private HF_HOME holds no stored token
