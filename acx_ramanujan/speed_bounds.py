@@ -78,7 +78,7 @@ def training_bounds(shape_name: str, num_experts: int, repeats: int) -> dict:
 
 
 def bare_decode_step(model, keys: list[torch.Tensor], values: list[torch.Tensor], position: int):
-    """One greedy decode step of a dense `RamanujanForCausalLM` in bare torch calls on its own weights: the kernels of
+    """One decode step of a dense `RamanujanForCausalLM` in bare torch calls on its own weights: the kernels of
     a token and nothing else (no modules, no Transformers code). `keys` / `values` are the per-layer cache after
     `position` tokens, (batch, kv_heads, position, head_dim); returns `step(token_ids) -> logits` of the next token.
 
