@@ -127,9 +127,14 @@ def test_verify_cli_writes_reports(tmp_path, tiny_shakespeare):
         (["--depth", "0"], "--depth must be >= 1"),
         (["--depth", "2", "--schemes", "ramanujan,fancy"], "unknown init scheme 'fancy'"),
         (["--depth", "2", "--text_file", "/nonexistent.txt"], "not a readable file"),
+        (["--depth", "2", "--config_name", "nosuch"], "unknown preset 'nosuch'"),
+        (["--depth", "2", "--hidden_size", "130"], "hidden_size (130) must be divisible by num_attention_heads"),
+        (["--depth", "2", "--text_file", "TMP/two_bytes.txt"], "holds 2 bytes; need more than --seq_len 64"),
     ],
 )
 def test_verify_rejects_bad_input(tmp_path, capsys, argv, message):
+    (tmp_path / "two_bytes.txt").write_bytes(b"ab")
+    argv = [arg.replace("TMP", str(tmp_path)) for arg in argv]
     assert verify.main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -52,11 +52,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ValueError(f"--text_file {args.text_file} is not a readable file")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output_dir {args.output_dir} exists and is not a directory")
+    # Build every stack's config now, so a bad --config_name/--hidden_size fails here and not mid-run.
+    try:
+        configs = [stack_config(args, scheme) for scheme in args.schemes]
+    except (ValueError, TypeError) as error:  # TypeError: a JSON config with fields RamanujanConfig does not take
+        raise ValueError(f"config {preset_name(args)!r}: {error}") from error
+    if args.text_file is not None:
+        size = args.text_file.stat().st_size
+        if size <= args.seq_len:
+            raise ValueError(f"--text_file {args.text_file} holds {size} bytes; need more than --seq_len {args.seq_len}")
+        small = min(config.vocab_size for config in configs)
+        if small < 256:
+            raise ValueError(f"--text_file feeds byte ids 0..255, but the config's vocab_size is {small}")
     return args
 
 
+def preset_name(args: argparse.Namespace) -> str:
+    return args.config_name or ("tiny-moe" if args.moe else "tiny")
+
+
 def stack_config(args: argparse.Namespace, scheme: str) -> RamanujanConfig:
-    preset = args.config_name or ("tiny-moe" if args.moe else "tiny")
+    preset = preset_name(args)
     overrides = {"num_hidden_layers": args.depth, "init_scheme": scheme}
     if args.hidden_size is not None:
         overrides["hidden_size"] = args.hidden_size
