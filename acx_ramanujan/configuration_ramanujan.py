@@ -91,6 +91,10 @@ class RamanujanConfig(PreTrainedConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
+        try:  # as LlamaConfig does; Transformers reports a missing rope key as KeyError
+            self.validate_rope()
+        except KeyError as error:
+            raise ValueError(f"rope_parameters: {error.args[0]}") from None
 
     def _check_values(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -157,7 +161,12 @@ class RamanujanConfig(PreTrainedConfig):
         if not path.is_file():
             names = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
             raise ValueError(f"unknown preset {name_or_path!r}: not a JSON file, nor one of {', '.join(names)}")
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"preset file {str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"preset file {str(path)!r} must hold a JSON object of config fields")
         values.pop("model_type", None)
         unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
         if unknown:

@@ -169,8 +169,10 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
-    if args.learning_rate <= 0 or args.num_warmup_steps < 0 or args.max_grad_norm < 0 or args.weight_decay < 0:
-        raise ValueError("--learning_rate must be > 0; --num_warmup_steps, --max_grad_norm, --weight_decay >= 0")
+    if not (0 < args.learning_rate < math.inf) or args.num_warmup_steps < 0 or not (
+            0 <= args.max_grad_norm < math.inf and 0 <= args.weight_decay < math.inf):
+        raise ValueError("--learning_rate must be finite and > 0; --num_warmup_steps, --max_grad_norm, --weight_decay "
+                         "finite and >= 0")
     if args.validation_file and not (args.train_file or args.dataset_name):
         raise ValueError("--validation_file needs --train_file (or --dataset_name)")
     if args.push_to_hub and not args.hub_model_id:
@@ -234,7 +236,11 @@ def load_tokenizer(name: str | None):
         return RamanujanByteTokenizer()
     if not Path(name).is_dir():
         raise ValueError(f"--tokenizer_name {name}: not a directory holding a saved tokenizer")
-    return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--tokenizer_name {name}: no tokenizer could be loaded from it ({reason})") from None
 
 
 def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
@@ -443,11 +449,12 @@ def prepare(args: argparse.Namespace):
     set_seed(args.seed)
     with accelerator.main_process_first():
         if args.train_file or args.dataset_name:
-            raw = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
-                                    args.dataset_name, args.dataset_config_name, args.text_column)
+            raw, text_column = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
+                                                 args.dataset_name, args.dataset_config_name, args.text_column), args.text_column
         else:
-            raw = text_to_dataset(default_corpus_text(), args.validation_split_percentage)
-        blocks = tokenize_and_pack(raw, tokenizer, args.block_size, num_proc=args.preprocessing_num_workers)
+            raw, text_column = text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
+        blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
+                                   num_proc=args.preprocessing_num_workers)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not resume_path:
             for stale in list_checkpoints(output_dir):

@@ -243,6 +243,16 @@ def test_checkpointing_every_epoch(tmp_path, corpus, capsys):
     assert "expected a positive integer or 'epoch', got 'weekly'" in capsys.readouterr().err
 
 
+def test_text_column_of_a_json_file(tmp_path, corpus):
+    """--text_column names the column in json/csv data; the model trains on that column's text."""
+    rows = tmp_path / "rows.jsonl"
+    lines = corpus.read_text().splitlines(keepends=True)
+    rows.write_text("".join(json.dumps({"id": i, "content": line}) + "\n" for i, line in enumerate(lines)))
+    out = tmp_path / "run"
+    assert pretraining.main(train_args(rows, out, "--max_train_steps", "2", "--text_column", "content")) == 0
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 2
+
+
 def test_config_overrides_are_typed_from_the_config_fields():
     parsed = pretraining.parse_config_overrides(
         'hidden_size=64,init_scheme=xavier,tie_word_embeddings=true,ramanujan_depth=None,ramanujan_gain=2,'
@@ -267,6 +277,10 @@ def test_config_overrides_are_typed_from_the_config_fields():
         (["--output_dir", "{tmp}/busy"], "is not empty (another run?)"),
         (["--resume_from_checkpoint", "latest"], "no checkpoint-STEP folder"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
+        (["--learning_rate", "nan"], "--learning_rate must be finite and > 0"),
+        (["--config_overrides", TINY + ',rope_parameters={{"rope_type": "yarn"}}'], "rope_parameters: Missing required keys"),
+        (["--config_name", "{tmp}/short.txt"], "is not valid JSON"),
+        (["--tokenizer_name", "{tmp}/busy"], "no tokenizer could be loaded from it"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         (["--push_to_hub", "--hub_model_id", "user/tiny"], "--push_to_hub needs a Hugging Face token"),
         (["--tokenizer_name", "{tmp}/absent"], "not a directory holding a saved tokenizer"),
