@@ -252,9 +252,51 @@ def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverge
         (["--variant", "x:init_scheme=normal,no_such_field=1"], "unknown config field 'no_such_field'"),
         (["--variant", "x:embedding_init_scheme=fancy"], "embedding_init_scheme 'fancy' is unknown"),
         ([], "nothing to compare"),
+        (["--schemes", "normal", "--block_size", "1000"], "--block_size 1000 exceeds the model's max_position_embeddings"),
+        (["--variant", "x:max_position_embeddings=8"], "--block_size 16 exceeds the model's max_position_embeddings (8)"),
+        (["--schemes", "normal", "--train_file", "TMP/empty.txt"], "empty.txt is empty"),
     ],
 )
 def test_benchmark_rejects_bad_input_before_training(tmp_path, capsys, extra, message):
+    (tmp_path / "empty.txt").write_text("")
+    extra = [arg.replace("TMP", str(tmp_path)) for arg in extra]
     assert benchmark.main(benchmark_argv(tmp_path, *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
+
+
+def test_benchmark_reports_a_failing_run_in_one_line(tmp_path, capsys):
+    (tmp_path / "one_line.txt").write_text("too short to hold out a validation tail\n")
+    argv = benchmark_argv(tmp_path, "--schemes", "normal", "--seeds", "1", "--train_file", str(tmp_path / "one_line.txt"))
+    assert benchmark.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "acx-rt benchmark: error: training run" in err and "1L-normal-seed0 failed" in err
+    assert "Traceback" not in err
+
+
+def test_benchmark_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsys):
+    argv = benchmark_argv(tmp_path, "--seeds", "1", "--variant", "ram:init_scheme=ramanujan")
+    assert benchmark.main(argv) == 0
+    run = tmp_path / "bench" / "runs" / "1L-ram-seed0"
+    stamp = (run / "all_results.json").stat().st_mtime_ns
+    # same settings, overrides spelled differently (same parsed fields): reused
+    assert benchmark.main([*argv, "--config_overrides",
+                           "num_key_value_heads=2,hidden_size=32,intermediate_size=64,num_attention_heads=2"]) == 0
+    assert (run / "all_results.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    changed = [
+        (["--learning_rate", "0.01"], "learning_rate=0.001, this benchmark would use 0.01"),
+        (["--max_train_steps", "4"], "max_train_steps=3, this benchmark would use 4"),
+        (["--block_size", "8"], "block_size=16"),
+        (["--per_device_train_batch_size", "3"], "per_device_train_batch_size=2"),
+        (["--variant", "ram:init_scheme=ramanujan,attention_scale_alpha=0"], "config_overrides="),
+    ]
+    for extra, message in changed:
+        assert benchmark.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("acx-rt benchmark: error: finished run ")
+        assert str(run) in err and message in err and "another --output_dir or delete that run" in err
+        assert (run / "all_results.json").stat().st_mtime_ns == stamp
+    (run / "training_args.json").unlink()
+    assert benchmark.main(argv) == 2
+    assert "has no readable training_args.json" in capsys.readouterr().err

@@ -5,8 +5,10 @@ A variant is an init scheme (`--schemes normal,ramanujan`) or a named set of con
 initialization can be reproduced. Every run gets the same hyperparameters; runs with the same seed get the same
 model seed and the same data order (the pretraining code seeds both from --seed), so variants are paired by seed.
 
-Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>-seed<k>/ and is reused when it already finished, so an
-interrupted benchmark picks up where it stopped. Results: benchmark.json, benchmark.md, benchmark_loss.png.
+Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>-seed<k>/ and is reused when it already finished with the
+same settings (its training_args.json: preset, overrides, steps, learning rate, batch, block size, seed; the
+training file is not recorded there), so an interrupted benchmark picks up where it stopped; a finished run with
+other settings is refused before anything trains. Results: benchmark.json, benchmark.md, benchmark_loss.png.
 A run counts as diverged when its final validation loss is NaN/inf or above its initial training loss.
 """
 
@@ -16,13 +18,13 @@ import math
 import shlex
 import statistics
 import sys
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from .. import pretraining
-from ..configuration_ramanujan import RamanujanConfig
 from ..initialization_ramanujan import INIT_SCHEMES
 from ..atomic_files import write_json_atomically, write_text_atomically
 from .reporting import markdown_table, parse_name_list, save_figure
@@ -72,9 +74,62 @@ def check_args(args: argparse.Namespace) -> None:
     args.variants = variants
     if args.train_file is not None and not Path(args.train_file).is_file():
         raise ValueError(f"--train_file {args.train_file} is not a readable file")
+    if args.train_file is not None and Path(args.train_file).stat().st_size == 0:
+        raise ValueError(f"--train_file {args.train_file} is empty")
+    tokenizer = pretraining.load_tokenizer(None)  # what every run trains with: the byte tokenizer
     for layers in args.layers:
-        for overrides in variants.values():
-            RamanujanConfig.from_preset(preset(args), **pretraining.parse_config_overrides(run_overrides(args, layers, overrides)))
+        for name, overrides in variants.items():
+            # The config checks `acx-rt train` makes (field values, vocab size, block size vs max positions).
+            train_args = types.SimpleNamespace(config_name=preset(args), block_size=args.block_size,
+                                               config_overrides=run_overrides(args, layers, overrides))
+            try:
+                pretraining.build_config(train_args, tokenizer)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"variant {name!r} at {layers} layers: {error}") from None
+    check_finished_runs(args)
+
+
+def run_dir_of(args: argparse.Namespace, layers: int, name: str, seed: int) -> Path:
+    return args.output_dir / "runs" / f"{layers}L-{name}-seed{seed}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "all_results.json").is_file()
+
+
+def expected_settings(args: argparse.Namespace, layers: int, overrides: str, seed: int) -> dict:
+    """The training_args.json values (as `acx-rt train` writes them) of the run this benchmark would train."""
+    return {"config_name": preset(args), "config_overrides": run_overrides(args, layers, overrides),
+            "max_train_steps": args.max_train_steps, "learning_rate": args.learning_rate,
+            "block_size": args.block_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "seed": seed}
+
+
+def check_finished_runs(args: argparse.Namespace) -> None:
+    """A finished run is reused only if it was trained with this benchmark's settings; otherwise refuse, naming it."""
+    for layers in args.layers:
+        for name, overrides in args.variants.items():
+            for seed in range(args.seeds):
+                run_dir = run_dir_of(args, layers, name, seed)
+                if not is_finished(run_dir):
+                    continue
+                advice = "use another --output_dir or delete that run"
+                try:
+                    trained = json.loads((run_dir / "training_args.json").read_text())
+                except (OSError, ValueError):
+                    raise ValueError(f"finished run {run_dir} has no readable training_args.json, so its settings "
+                                     f"cannot be checked; {advice}") from None
+                for key, value in expected_settings(args, layers, overrides, seed).items():
+                    old = trained.get(key)
+                    same = old == value
+                    if key == "config_overrides" and isinstance(old, str) and not same:  # compare parsed fields
+                        try:
+                            same = pretraining.parse_config_overrides(old) == pretraining.parse_config_overrides(value)
+                        except ValueError:  # e.g. a field this version no longer has
+                            same = False
+                    if not same:
+                        raise ValueError(f"finished run {run_dir} was trained with {key}={old!r}, this benchmark "
+                                         f"would use {value!r}; {advice}")
 
 
 def preset(args: argparse.Namespace) -> str:
@@ -119,17 +174,21 @@ def read_run(run_dir: Path) -> dict:
     }
 
 
+class RunFailed(Exception):
+    """A training run of the benchmark exited non-zero (its own error is printed above)."""
+
+
 def run_all(args: argparse.Namespace) -> dict:
-    """(layers, variant, seed) → run record; finished runs are read back, not retrained."""
+    """(layers, variant, seed) → run record; finished runs (checked by check_finished_runs) are read back."""
     runs = {}
     for layers in args.layers:
         for name, overrides in args.variants.items():
             for seed in range(args.seeds):
-                run_dir = args.output_dir / "runs" / f"{layers}L-{name}-seed{seed}"
-                if not (run_dir / "all_results.json").is_file():
+                run_dir = run_dir_of(args, layers, name, seed)
+                if not is_finished(run_dir):
                     status = pretraining.main(train_argv(args, layers, overrides, seed, run_dir))
                     if status != 0:
-                        raise RuntimeError(f"training run {run_dir} failed with exit status {status}")
+                        raise RunFailed(f"training run {run_dir} failed with exit status {status} (its error is above)")
                 runs[(layers, name, seed)] = read_run(run_dir)
     return runs
 
@@ -204,7 +263,11 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"acx-rt benchmark: error: {error}", file=sys.stderr)
         return 2
-    runs = run_all(args)
+    try:
+        runs = run_all(args)
+    except RunFailed as error:
+        print(f"acx-rt benchmark: error: {error}", file=sys.stderr)
+        return 1
     rows = summarize(args, runs)
     records = {f"{layers}L-{name}-seed{seed}": {k: v for k, v in run.items() if k != "train_loss"}
                for (layers, name, seed), run in runs.items()}
