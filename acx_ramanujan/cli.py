@@ -16,6 +16,10 @@ SUBCOMMANDS = {
     "export": ("acx_ramanujan.export", "export a checkpoint to ONNX and verify it with onnxruntime"),
 }
 
+# Packages of the optional extras (pyproject.toml) that some subcommands import.
+OPTIONAL_PACKAGES = {"peft": "train", "matplotlib": "train", "tensorboard": "train",
+                     "onnx": "export", "onnxruntime": "export", "onnxscript": "export"}
+
 
 def usage() -> str:
     lines = ["usage: acx-rt <command> [options]", "", "commands:"]
@@ -33,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"acx-rt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
+    try:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        extra = OPTIONAL_PACKAGES.get(package)
+        if extra is None:
+            raise
+        print(f"acx-rt {command}: needs the {package!r} package from the [{extra}] extra: "
+              f"pip install 'acx-ramanujan-transformer[{extra}]' (in a clone: pip install -e '.[{extra}]')", file=sys.stderr)
+        return 1
     return module.main(rest)
 
 
