@@ -332,8 +332,9 @@ class RamanujanPreTrainedModel(PreTrainedModel):
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
 
-        On CPU (torch 2.13) it was as fast from 4 to 64 experts, and faster at 64 on one thread (docs/benchmarks.md,
-        Speed); pass `experts_implementation="grouped_mm"` where a grouped-matmul kernel pays off (CUDA, export).
+        On CPU (torch 2.13, 2 threads) it was as fast from 4 to 32 experts and faster at 64 (121 vs 141 ms per
+        nanoGPT-shape training step; docs/benchmarks.md, Scaling); pass `experts_implementation="grouped_mm"` where a
+        grouped-matmul kernel pays off (CUDA, export).
         """
         return super().get_correct_experts_implementation(requested_experts or "eager")
 

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog=PROG,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a Ramanujan decoder with Accelerate. Without data flags: the tiny preset on Python's "
-        "built-in help text (offline, a few minutes on a laptop CPU).",
+        "built-in help text (offline, about two minutes on a 2-core CPU).",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", action="append", help="txt/json/jsonl/csv/parquet file (repeatable)")

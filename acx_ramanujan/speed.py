@@ -165,8 +165,8 @@ def compare_shape(name: str, shape: dict, num_experts: int, args, peaks: dict[st
     result["train_step_ms_all"] = {label: [round(1e3 * t, 1) for t in times] for label, times in train.items()}
     result["peak_memory_mib"] = {label: training_peak_mib(model.config, batch, args.threads)
                                  for label, model in models.items()}
-    # Counted on a copy of ours with the per-expert loop, whose matmuls FlopCounterMode sees (it does not count
-    # grouped_mm); the peer does the same matmuls.
+    # Counted on a fresh copy of ours, explicitly on the per-expert path: FlopCounterMode sees its matmuls but does
+    # not count grouped_mm. The peer does the same matmuls.
     counted = build(models["ours"].config)
     counted.set_experts_implementation("eager")
     flops = counted_flops(train_step(counted, batch))

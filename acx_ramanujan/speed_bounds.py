@@ -4,8 +4,8 @@ The speed targets are ratios of medians, ours / theirs, at fp32 on CPU. This mod
 identical numerics cannot skip, and so the largest ratio any such model could reach:
 
 - Training: the matmuls (`aten::mm`, also inside `_grouped_mm`) and the fused attention kernels (sdpa flash forward
-  and backward) of the peer's own step, timed by torch.profiler. Computing the same numbers means running the same
-  matmuls and attention at the same FLOPs, so peer step / those kernels bounds the training ratio. For MoE, our own
+  and backward) of each model's step, timed by torch.profiler. Computing the same numbers means running the same
+  matmuls and attention at the same FLOPs, so peer step / the faster of the two kernel times bounds the ratio. For MoE, our own
   dense model with the same active parameters per token is a second reference: routing only adds work to it.
 - Generation (batch 1, greedy, KV cache): the peer's time per token split by forward hooks into `generate()`'s own
   loop (Transformers code every model shares) and the forward, and a hand-written decode step that runs only the
