@@ -19,6 +19,7 @@ CLI: `acx-rt tokenizer train --files a.txt b.txt --vocab_size 4096 --output_dir 
 """
 
 import argparse
+import codecs
 import itertools
 import json
 import os
@@ -36,6 +37,8 @@ from .tokenization_ramanujan import BYTE_VOCAB_SIZE, DEFAULT_CHAT_TEMPLATE
 PROG = "acx-rt tokenizer"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 256, 257, 258, in this order
 MIN_VOCAB_SIZE = BYTE_VOCAB_SIZE + len(SPECIAL_TOKENS)
+MAX_VOCAB_SIZE = 2**32  # `tokenizers` numbers tokens with u32 ids
+MAX_MIN_FREQUENCY = 2**64 - 1  # the trainer's counts are u64
 
 
 def train_bpe_tokenizer(
@@ -50,13 +53,16 @@ def train_bpe_tokenizer(
     `files_or_iterator`: a text file, a list of text files, or any other iterable of str (a generator, a dataset
     column: pass `iter(texts)` for a list of texts). `min_frequency`: pairs seen fewer times are never merged.
     With `output_dir`, the tokenizer is saved there too (staged in a temporary folder, then moved in).
-    Raises ValueError for a vocabulary smaller than 259, missing files or an empty corpus, before training.
+    Raises ValueError for a vocabulary smaller than 259, a negative min_frequency, missing, empty or non-UTF-8
+    files, before training.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+    if not _is_int(vocab_size) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size must be an int of at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
-            f"tokens), got {vocab_size!r}"
+            f"tokens) and at most {MAX_VOCAB_SIZE}, got {vocab_size!r}"
         )
+    if not _is_int(min_frequency) or not 0 <= min_frequency <= MAX_MIN_FREQUENCY:
+        raise ValueError(f"min_frequency must be an int >= 0 (and at most {MAX_MIN_FREQUENCY}), got {min_frequency!r}")
     if isinstance(files_or_iterator, (str, os.PathLike)):
         files_or_iterator = [files_or_iterator]
     if isinstance(files_or_iterator, (list, tuple)):
@@ -89,6 +95,10 @@ def train_bpe_tokenizer(
     return tokenizer
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_files(files: list[Path]) -> None:
     if not files:
         raise ValueError("empty corpus: no training files given")
@@ -100,6 +110,26 @@ def _check_files(files: list[Path]) -> None:
         )
     if all(path.stat().st_size == 0 for path in files):
         raise ValueError(f"empty corpus: every training file is empty ({', '.join(map(str, files))})")
+    for path in files:
+        _check_utf8(path)
+
+
+def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """`tokenizers` reads training files as UTF-8 and fails with a bare "stream did not contain valid UTF-8"."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as stream:
+        while True:
+            chunk = stream.read(chunk_size)
+            pending = len(decoder.getstate()[0])  # bytes of a character the previous chunk left unfinished
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:  # error.start counts from the first pending byte
+                position = offset - pending + error.start
+                raise ValueError(f"training file {path} is not UTF-8 text (invalid byte at offset {position})") from None
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def _non_empty_texts(texts: Iterable[str]) -> Iterator[str]:

@@ -108,7 +108,7 @@ def test_a_tiny_model_with_the_bpe_tokenizer_generates_text_that_decodes(trained
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("vocab_size", [0, 258, 300.0, True])
+@pytest.mark.parametrize("vocab_size", [0, 258, 300.0, True, 2**70])
 def test_too_small_or_non_int_vocab_size_is_a_value_error(corpus, vocab_size, tmp_path):
     with pytest.raises(ValueError, match="vocab_size must be an int of at least 259"):
         train_bpe_tokenizer(corpus, vocab_size, output_dir=tmp_path / "out")
@@ -133,6 +133,21 @@ def test_empty_corpus_is_a_value_error(tmp_path):
         train_bpe_tokenizer([], 300)
 
 
+@pytest.mark.parametrize("min_frequency", [-1, 2**64, 1.5, None])
+def test_negative_or_non_int_min_frequency_is_a_value_error(corpus, min_frequency, tmp_path):
+    with pytest.raises(ValueError, match="min_frequency must be an int >= 0"):
+        train_bpe_tokenizer(corpus, 300, min_frequency=min_frequency, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_utf8_is_a_value_error_naming_it(corpus, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"training file .*{latin1.name} is not UTF-8 text \\(invalid byte at offset 3\\)"):
+        train_bpe_tokenizer([corpus, latin1], 300, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_string_texts_are_a_type_error():
     with pytest.raises(TypeError, match="expects texts as str, got bytes"):
         train_bpe_tokenizer(iter([b"bytes"]), 300)
@@ -155,10 +170,14 @@ def test_cli_trains_and_saves(corpus, tmp_path, capsys):
     [
         (["--files", "missing.txt", "--vocab_size", "300"], "missing training file(s): missing.txt"),
         (["--files", "{corpus}", "--vocab_size", "100"], "vocab_size must be an int of at least 259"),
+        (["--files", "{corpus}", "--vocab_size", "300", "--min_frequency", "-1"], "min_frequency must be an int >= 0"),
+        (["--files", "{tmp}/latin1.txt", "--vocab_size", "300"], "latin1.txt is not UTF-8 text"),
     ],
 )
 def test_cli_bad_input_is_one_line_on_stderr(corpus, tmp_path, capsys, argv, message):
-    argv = [arg.format(corpus=corpus) for arg in argv]
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    argv = [arg.format(corpus=corpus, tmp=tmp_path) for arg in argv]
     assert main(["train", *argv, "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("acx-rt tokenizer: error:") and message in err
+    assert not (tmp_path / "out").exists()
