@@ -61,6 +61,7 @@ def write_model_card(
         raise ValueError(f"write_model_card: output_dir {output_dir} is not a directory")
     architecture = (config.architectures or ["RamanujanForCausalLM"])[0]
     pipeline_tag = PIPELINE_TAGS.get(architecture, "text-generation")
+    classifier = pipeline_tag == "text-classification"  # the card's wording and how-to-use code follow the head
     metrics = scalar_metrics(eval_results)
     model_name = output_dir.resolve().name
     eval_entries = eval_result_entries(metrics, pipeline_tag, dataset_name)
@@ -83,6 +84,8 @@ def write_model_card(
         card_data=card_data.to_yaml(),
         model_name=model_name,
         architecture=architecture,
+        classifier=classifier,
+        auto_class="AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM",
         dataset_name=dataset_name,
         base_model=base_model,
         config=config,

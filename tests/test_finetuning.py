@@ -132,14 +132,41 @@ def test_packed_text_run_writes_model_metrics_and_card(kind, request, tiny_shake
         # eval_loss is the training objective: it includes the router losses, which are positive.
         assert results["eval_loss"] > results["eval_lm_loss"]
         logs = [entry for entry in read_json(output / "trainer_state.json")["log_history"] if "loss" in entry]
-        assert len(logs) == 3
-        for entry in logs:
-            assert entry["expert_load_min"] <= 1 / 4 <= entry["expert_load_max"] <= 1
+        assert len(logs) == 3 and all("expert_load_min" in entry and "expert_load_max" in entry for entry in logs)
     reloaded = RamanujanForCausalLM.from_pretrained(output)
     assert not torch.equal(reloaded.lm_head.weight, RamanujanForCausalLM.from_pretrained(checkpoint).lm_head.weight)
     card = (output / "README.md").read_text()
-    assert "perplexity" in card
+    assert f"{results['eval_perplexity']:.4g}" in card  # the measured number, not just the word
     assert hardware_description(torch.device("cpu"), 1) in card  # the same wording as a pretraining card
+
+
+def test_expert_load_meter_averages_training_forwards_like_a_naive_count():
+    """Logged expert load = per layer, the share of top-k assignments per expert, averaged over training forwards
+    since the last read (counted here token by token); evaluation forwards are left out."""
+    from acx_ramanujan.finetune_trainer import ExpertLoadMeter
+
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM(tiny_moe_config())
+    meter = ExpertLoadMeter(model)
+    batches = [torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (3, 5))]
+    per_forward = []
+    model.train()
+    for batch in batches:
+        router_logits = model(batch, output_router_logits=True).router_logits
+        counts = torch.zeros(len(router_logits), model.config.num_experts)
+        for layer, logits in enumerate(router_logits):
+            for token_logits in logits:
+                for expert in token_logits.topk(model.config.num_experts_per_tok).indices.tolist():
+                    counts[layer, expert] += 1
+        per_forward.append(counts / counts.sum(dim=1, keepdim=True))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (4, 7)))  # not a training forward: not counted
+    expected = torch.stack(per_forward).mean(dim=0)
+    reading = meter.read_and_reset()
+    assert reading["expert_load_max"] == pytest.approx(expected.max().item(), abs=1e-6)
+    assert reading["expert_load_min"] == pytest.approx(expected.min().item(), abs=1e-6)
+    assert meter.read_and_reset() == {}  # reset: nothing since the last read
 
 
 def test_moe_router_losses_are_part_of_the_trainer_loss(moe_checkpoint, prompt_response_file, tmp_path):
@@ -336,6 +363,11 @@ def test_separable_task_reaches_high_accuracy_and_saves_its_labels(dense_checkpo
     hits = [model.config.id2label[p] == label for p, (_, label) in zip(predicted, validation_rows)]
     assert results["eval_accuracy"] == pytest.approx(sum(hits) / len(hits))
 
+    card = (output / "README.md").read_text()  # a classifier's card: its head, labels and how to load it
+    assert "pipeline_tag: text-classification" in card and "sequence-classification head" in card
+    assert "Labels: neg, pos" in card and "AutoModelForSequenceClassification.from_pretrained" in card
+    assert "AutoModelForCausalLM" not in card and "generate(" not in card and "accuracy and F1" in card
+
 
 def test_moe_lora_with_integer_labels_merges_exactly(moe_checkpoint, tmp_path):
     checkpoint = moe_checkpoint
@@ -352,6 +384,7 @@ def test_moe_lora_with_integer_labels_merges_exactly(moe_checkpoint, tmp_path):
     assert 0 <= results["eval_f1"] <= 1 and 0 <= results["eval_accuracy"] <= 1
     logs = [entry for entry in read_json(output / "trainer_state.json")["log_history"] if "loss" in entry]
     assert all("expert_load_max" in entry for entry in logs)
+    assert "adds no router losses" in (output / "README.md").read_text()  # an MoE classifier's card says so
 
     merged = AutoModelForSequenceClassification.from_pretrained(output / "merged").eval()
     assert merged.config.id2label == {0: "0", 1: "1", 2: "2"}
