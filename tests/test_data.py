@@ -81,7 +81,8 @@ def test_default_corpus_is_pythons_help_text():
     text = default_corpus_text()
     assert len(text) > 100_000
     assert topics["while"] in text and topics["with"] in text
-    assert text == default_corpus_text()  # deterministic order
+    assert all(topics[key] in text for key in topics)  # every help topic
+    assert text.startswith(topics[min(topics)])  # in a fixed order (by name), not the dict's
 
 
 @pytest.mark.parametrize(
