@@ -92,8 +92,12 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"output dir {output_dir} does not exist")
     if not (output_dir / "config.json").is_file():
         raise ValueError(f"{output_dir} has no config.json: save the model with model.save_pretrained({str(output_dir)!r})")
-    config = AutoConfig.from_pretrained(output_dir)
-    if not json.loads((output_dir / "config.json").read_text()).get("auto_map"):
+    auto_map = read_json_object(output_dir / "config.json").get("auto_map")
+    try:
+        config = AutoConfig.from_pretrained(output_dir)
+    except OSError as error:
+        raise ValueError(f"{output_dir}/config.json could not be loaded: {first_line(error)}") from None
+    if not auto_map:
         raise ValueError(
             f"{output_dir}/config.json has no auto_map, so the model cannot load with trust_remote_code=True: "
             "import acx_ramanujan before save_pretrained"
@@ -103,7 +107,10 @@ def check_output_dir(output_dir: Path) -> None:
     if not (output_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"{output_dir} has no tokenizer_config.json: save the tokenizer with tokenizer.save_pretrained(...)")
     check_code_files(output_dir, "tokenizer_config.json")  # a BPE tokenizer (tokenizer.json) needs no code
-    tokenizer_size = len(AutoTokenizer.from_pretrained(output_dir))
+    try:
+        tokenizer_size = len(AutoTokenizer.from_pretrained(output_dir))
+    except OSError as error:
+        raise ValueError(f"the tokenizer in {output_dir} could not be loaded: {first_line(error)}") from None
     if tokenizer_size > config.vocab_size:
         raise ValueError(f"the tokenizer in {output_dir} has {tokenizer_size} tokens, more than the model's vocab_size {config.vocab_size}")
     if not (output_dir / "README.md").is_file():
@@ -114,9 +121,24 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"{output_dir}/README.md is not a valid model card: {error}") from None
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object, or ValueError naming the file."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not a readable JSON file: {first_line(error)}") from None
+    if isinstance(values, dict):
+        return values
+    raise ValueError(f"{path} does not hold a JSON object")
+
+
 def check_code_files(output_dir: Path, json_name: str) -> None:
     """The code files the JSON file's `auto_map` names, and the files they import relatively, sit beside it."""
-    auto_map = json.loads((output_dir / json_name).read_text()).get("auto_map") or {}
+    auto_map = read_json_object(output_dir / json_name).get("auto_map") or {}
     references = [value for values in auto_map.values() for value in (values if isinstance(values, list) else [values])]
     modules = {reference.rsplit(".", 1)[0] for reference in references if reference and "--" not in reference}
     for module in sorted(modules):
@@ -161,7 +183,7 @@ def check_weights(output_dir: Path, config) -> None:
 def saved_shapes(output_dir: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape over `model.safetensors` or every shard its index names (headers only, no tensor data)."""
     if (output_dir / WEIGHTS_INDEX).is_file():
-        weight_map = json.loads((output_dir / WEIGHTS_INDEX).read_text()).get("weight_map", {})
+        weight_map = read_json_object(output_dir / WEIGHTS_INDEX).get("weight_map", {})
         files = sorted(set(weight_map.values()))
         absent = [name for name in files if not (output_dir / name).is_file()]
         if absent:
