@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from .atomic_files import write_atomically, write_json_atomically
+from .atomic_files import write_json_atomically
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
 
@@ -252,10 +252,9 @@ def expert_scaling(args) -> dict:
 
 def plot(curves: dict, x_key: str, x_label: str, title: str, path: Path) -> None:
     """One line per variant; matplotlib is imported here because it is an optional (`train`/`dev`) dependency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .study.reporting import save_figure  # switches matplotlib to its file-only backend before any figure exists
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, values in curves["train_step_ms"].items():
@@ -268,8 +267,7 @@ def plot(curves: dict, x_key: str, x_label: str, title: str, path: Path) -> None
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110))
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def markdown(results: dict) -> str:
