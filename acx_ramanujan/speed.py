@@ -20,12 +20,7 @@ from statistics import median
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from .atomic_files import write_json_atomically
 from .configuration_ramanujan import RamanujanConfig
@@ -259,9 +254,7 @@ def plot(curves: dict, x_key: str, x_label: str, title: str, path: Path) -> None
     """One line per variant; matplotlib is imported here because it is an optional (`train`/`dev`) dependency."""
     import matplotlib.pyplot as plt
 
-    from .study.reporting import (
-        save_figure,  # switches matplotlib to its file-only backend before any figure exists
-    )
+    from .study.reporting import save_figure  # switches matplotlib to its file-only backend before any figure exists
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, values in curves["train_step_ms"].items():
