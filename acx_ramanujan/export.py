@@ -85,7 +85,13 @@ def check_args(args: argparse.Namespace) -> None:
     config_file = checkpoint / "config.json"
     if not config_file.is_file():
         raise ExportError(f"--checkpoint {checkpoint} has no config.json: not a directory written by save_pretrained")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    try:
+        config_values = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ExportError(f"--checkpoint {checkpoint}: {config_file.name} is not a readable JSON file: {error}") from None
+    if not isinstance(config_values, dict):
+        raise ExportError(f"--checkpoint {checkpoint}: {config_file.name} does not hold a JSON object")
+    model_type = config_values.get("model_type")
     if model_type != RamanujanConfig.model_type:
         raise ExportError(f"--checkpoint {checkpoint} holds a {model_type!r} model, not a Ramanujan one (model_type 'ramanujan')")
     if output_dir.exists() and not output_dir.is_dir():
@@ -98,8 +104,9 @@ def load_model(checkpoint: Path) -> RamanujanForCausalLM:
         model = RamanujanForCausalLM.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
         )
-    except OSError as error:
-        raise ExportError(f"cannot load --checkpoint {checkpoint}: {error}") from error
+    except (OSError, ValueError, RuntimeError) as error:  # no weights; bad config values; weights of another shape
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"cannot load --checkpoint {checkpoint}: {reason}") from error
     return model.eval()
 
 

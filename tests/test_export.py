@@ -149,6 +149,9 @@ def write_config(directory, config):
         ("llama", [], "holds a 'llama' model, not a Ramanujan one"),
         ("no_config", [], "has no config.json"),
         ("no_weights", [], "cannot load --checkpoint"),
+        ("malformed_config", [], "config.json is not a readable JSON file: Expecting property name"),
+        ("config_not_object", [], "config.json does not hold a JSON object"),
+        ("weights_of_another_shape", [], "cannot load --checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, case, extra, message):
@@ -156,6 +159,13 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, case, extra, messag
     checkpoint.mkdir()
     if case == "llama":
         write_config(checkpoint, LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    elif case == "malformed_config":
+        (checkpoint / "config.json").write_text("{not json")
+    elif case == "config_not_object":
+        (checkpoint / "config.json").write_text('["ramanujan"]')
+    elif case == "weights_of_another_shape":
+        save_checkpoint(checkpoint, tiny_config())
+        write_config(checkpoint, tiny_config(intermediate_size=48))
     elif case != "no_config":
         write_config(checkpoint, tiny_config())
     output_dir = tmp_path / "onnx"
