@@ -9,6 +9,7 @@
   train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model.
 """
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,19 +251,40 @@ def parse_arguments(data_arguments_class: type, argv: list[str], prog: str):
     """HfArgumentParser over (ModelArguments, data arguments, LoraArguments, TrainingArguments).
 
     A single `.json` argument is read as a file of arguments, as in Transformers' example scripts. Without
-    --do_train or --do_eval, both are on. --output_dir is required: the fine-tuned model is written there.
+    --do_train or --do_eval, both are on. --output_dir is required: the fine-tuned model is written there
+    (TrainingArguments would otherwise default it to ./trainer_output, so it is checked before that default applies).
+    A --resume_from_checkpoint must be a Trainer checkpoint directory (it holds trainer_state.json).
     """
     parser = HfArgumentParser((ModelArguments, data_arguments_class, LoraArguments, TrainingArguments), prog=prog)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(json_file=argv[0])
+        try:
+            values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{argv[0]} is not a readable JSON file of arguments: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{argv[0]} does not hold a JSON object of arguments")
+        given_output_dir = values.get("output_dir")
+        parsed = parser.parse_dict(values)
     else:
+        # The namespace before the dataclasses are built: output_dir is None here when the flag was not given.
+        given_output_dir = parser.parse_known_args(args=argv)[0].output_dir
         parsed = parser.parse_args_into_dataclasses(args=argv)
     model_args, data_args, lora_args, training_args = parsed
-    if training_args.output_dir is None:
-        raise ValueError("--output_dir is required")
+    if not given_output_dir:
+        raise ValueError("--output_dir is required: the directory the fine-tuned model is written to")
+    if training_args.resume_from_checkpoint is not None:
+        check_resume_checkpoint(training_args.resume_from_checkpoint)
     if not (training_args.do_train or training_args.do_eval):
         training_args.do_train = training_args.do_eval = True
     return model_args, data_args, lora_args, training_args
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """What `Trainer.train(resume_from_checkpoint=path)` reads first: a directory with trainer_state.json."""
+    if not Path(path).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path} is not a directory: pass a checkpoint-STEP folder a run saved")
+    if not (Path(path) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume_from_checkpoint {path} is not a Trainer checkpoint: it has no trainer_state.json")
 
 
 def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: Callable[..., Trainer], prog: str) -> int:
