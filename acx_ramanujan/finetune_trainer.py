@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from hub_cards import hardware_description, write_model_card
@@ -287,12 +289,31 @@ def check_resume_checkpoint(path: str) -> None:
         raise ValueError(f"--resume_from_checkpoint {path} is not a Trainer checkpoint: it has no trainer_state.json")
 
 
+def check_checkpoint_fits(model, checkpoint: str) -> None:
+    """A resume loads the checkpoint's weights (or LoRA adapter) into `model`: refuse, naming a tensor, when they do
+    not fit, instead of Trainer's size-mismatch traceback after setup. Reads only the safetensors headers."""
+    expected = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+    saved = {}
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            saved.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
+    if saved and not saved.keys() & expected.keys():
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} holds none of this model's weights "
+                         f"({'a LoRA adapter' if isinstance(model, PeftModel) else 'the model'} was expected)")
+    for name in sorted(saved.keys() & expected.keys()):
+        if saved[name] != tuple(expected[name].shape):
+            raise ValueError(f"--resume_from_checkpoint {checkpoint} is from another model: {name} has shape "
+                             f"{list(saved[name])} there and {list(expected[name].shape)} here")
+
+
 def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: Callable[..., Trainer], prog: str) -> int:
     """Parse, build the trainer (every input check), then train/evaluate/save. Bad input: one line, exit 1."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         model_args, data_args, lora_args, training_args = parse_arguments(data_arguments_class, argv, prog)
         trainer = build_trainer(model_args, data_args, lora_args, training_args)
+        if training_args.resume_from_checkpoint is not None:
+            check_checkpoint_fits(trainer.model, training_args.resume_from_checkpoint)
     except (ValueError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1

@@ -80,3 +80,26 @@ def test_resume_from_a_non_checkpoint_is_one_line(checkpoint, text_file, tmp_pat
                    "--resume_from_checkpoint", resume, *QUIET])
     assert_one_error_line(capsys, status, message)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_resume_from_another_models_checkpoint_names_the_tensor(checkpoint, text_file, tmp_path, capsys, use_lora):
+    """A Trainer checkpoint of a wider model (or its LoRA adapter) does not fit: one line naming a tensor, no training."""
+    lora = ["--use_lora", "--lora_r", "4"] if use_lora else []
+    wide = tmp_path / "wide"
+    RamanujanForCausalLM(tiny_config(hidden_size=64)).save_pretrained(wide)
+    RamanujanByteTokenizer().save_pretrained(wide)
+    first = tmp_path / "first"
+    assert main(["--model_name_or_path", str(wide), "--train_file", text_file, "--output_dir", str(first), *lora,
+                 *QUIET, "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    saved = first / "checkpoint-1"
+    assert (saved / "trainer_state.json").is_file()
+
+    output = tmp_path / "out"
+    status = main(["--model_name_or_path", checkpoint, "--train_file", text_file, "--output_dir", str(output), *lora,
+                   "--resume_from_checkpoint", str(saved), *QUIET])
+    assert status == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith(f"acx-rt finetune: error: --resume_from_checkpoint {saved} is from another model: ")
+    assert " has shape [" in error[-1] and " there and [" in error[-1] and not any("Traceback" in line for line in error)
+    assert not (output / "model.safetensors").exists()
