@@ -234,7 +234,7 @@ def markdown_report(args: argparse.Namespace, argv: list[str], rows: list[dict])
         f"Command: `acx-rt benchmark {shlex.join(argv)}`  ",
         f"Finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Seeds 0..{args.seeds - 1}, "
         f"{args.max_train_steps} steps, lr {args.learning_rate}, batch {args.per_device_train_batch_size}×{args.block_size} "
-        f"tokens, preset {preset(args)} with `{args.config_overrides or '-'}`. "
+        f"tokens, preset {preset(args)}" + (f" with `{args.config_overrides}`" if args.config_overrides else "") + ". "
         "Δ: mean ± std over seeds of (variant − reference) with the same seed (same init seed and data order).",
         "",
         table,
