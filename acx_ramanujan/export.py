@@ -18,7 +18,6 @@ One graph, `model.onnx` (weights in `model.onnx.data`), with dynamic batch and s
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ from transformers.exporters import OnnxConfig, OnnxExporter
 
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
+from .saved_files import first_line, read_json_object
 
 FORMATS = ("onnx",)
 EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -86,11 +86,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not config_file.is_file():
         raise ExportError(f"--checkpoint {checkpoint} has no config.json: not a directory written by save_pretrained")
     try:
-        config_values = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise ExportError(f"--checkpoint {checkpoint}: {config_file.name} is not a readable JSON file: {error}") from None
-    if not isinstance(config_values, dict):
-        raise ExportError(f"--checkpoint {checkpoint}: {config_file.name} does not hold a JSON object")
+        config_values = read_json_object(config_file)
+    except ValueError as error:
+        raise ExportError(f"--checkpoint {checkpoint}: {error}") from None
     model_type = config_values.get("model_type")
     if model_type != RamanujanConfig.model_type:
         raise ExportError(f"--checkpoint {checkpoint} holds a {model_type!r} model, not a Ramanujan one (model_type 'ramanujan')")
@@ -105,8 +103,7 @@ def load_model(checkpoint: Path) -> RamanujanForCausalLM:
             checkpoint, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
         )
     except (OSError, ValueError, RuntimeError) as error:  # no weights; bad config values; weights of another shape
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ExportError(f"cannot load --checkpoint {checkpoint}: {reason}") from error
+        raise ExportError(f"cannot load --checkpoint {checkpoint}: {first_line(error)}") from error
     return model.eval()
 
 

@@ -9,7 +9,6 @@
   train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model.
 """
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from peft import PeftModel, get_peft_model_state_dict
-from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from hub_cards import hardware_description, write_model_card
@@ -26,6 +24,7 @@ from hub_cards import hardware_description, write_model_card
 from .data import load_raw_datasets
 from .lora import LoraArguments, apply_lora, save_merged
 from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
+from .saved_files import first_line, read_json_object, safetensors_shapes
 
 
 @dataclass
@@ -86,8 +85,7 @@ def load_checkpoint_config(model_args: ModelArguments, auto_class, head: str):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"cannot load a model config from {path!r}: {reason}") from error
+        raise ValueError(f"cannot load a model config from {path!r}: {first_line(error)}") from error
     remote_classes = getattr(config, "auto_map", None) or {}
     if type(config) not in auto_class._model_mapping and auto_class.__name__ not in remote_classes:
         raise ValueError(
@@ -103,8 +101,7 @@ def load_tokenizer(model_args: ModelArguments, config):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"cannot load a tokenizer from {source!r} ({reason}); pass --tokenizer_name") from error
+        raise ValueError(f"cannot load a tokenizer from {source!r} ({first_line(error)}); pass --tokenizer_name") from error
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ValueError(
@@ -259,12 +256,7 @@ def parse_arguments(data_arguments_class: type, argv: list[str], prog: str):
     """
     parser = HfArgumentParser((ModelArguments, data_arguments_class, LoraArguments, TrainingArguments), prog=prog)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        try:
-            values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{argv[0]} is not a readable JSON file of arguments: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{argv[0]} does not hold a JSON object of arguments")
+        values = read_json_object(Path(argv[0]), kind="JSON file of arguments")
         given_output_dir = values.get("output_dir")
         parsed = parser.parse_dict(values)
     else:
@@ -293,10 +285,7 @@ def check_checkpoint_fits(model, checkpoint: str) -> None:
     """A resume loads the checkpoint's weights (or LoRA adapter) into `model`: refuse, naming a tensor, when they do
     not fit, instead of Trainer's size-mismatch traceback after setup. Reads only the safetensors headers."""
     expected = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
-    saved = {}
-    for file in sorted(Path(checkpoint).glob("*.safetensors")):
-        with safe_open(file, framework="pt") as weights:
-            saved.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
+    saved = safetensors_shapes(sorted(Path(checkpoint).glob("*.safetensors")))
     if saved and not saved.keys() & expected.keys():
         raise ValueError(f"--resume_from_checkpoint {checkpoint} holds none of this model's weights "
                          f"({'a LoRA adapter' if isinstance(model, PeftModel) else 'the model'} was expected)")

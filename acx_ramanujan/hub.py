@@ -8,7 +8,6 @@ The token comes from `huggingface_hub.get_token` (HF_TOKEN, or the file `hf auth
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from accelerate import init_empty_weights
 from huggingface_hub import CommitInfo, HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from . import modeling_ramanujan
 from .modeling_ramanujan import RamanujanForCausalLM
+from .saved_files import first_line, read_json_object, safetensors_shapes
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -121,21 +120,6 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"{output_dir}/README.md is not a valid model card: {error}") from None
 
 
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object, or ValueError naming the file."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is not a readable JSON file: {first_line(error)}") from None
-    if isinstance(values, dict):
-        return values
-    raise ValueError(f"{path} does not hold a JSON object")
-
-
 def check_code_files(output_dir: Path, json_name: str) -> None:
     """The code files the JSON file's `auto_map` names, and the files they import relatively, sit beside it."""
     auto_map = read_json_object(output_dir / json_name).get("auto_map") or {}
@@ -192,14 +176,7 @@ def saved_shapes(output_dir: Path) -> dict[str, tuple[int, ...]]:
         files = [WEIGHTS]
     else:
         raise ValueError(f"{output_dir} has no weights ({WEIGHTS} or {WEIGHTS_INDEX}): save with model.save_pretrained")
-    shapes = {}
-    for name in files:
-        try:
-            with safe_open(output_dir / name, framework="pt") as weights:
-                shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{output_dir}/{name} is not a readable safetensors file: {error}") from None
-    return shapes
+    return safetensors_shapes(output_dir / name for name in files)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -222,8 +199,7 @@ def main(argv: list[str]) -> int:
         return 1
     except (ValueError, HfHubHTTPError) as error:
         # Hub errors span several lines (status, url, hints); the first names the problem.
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        print(f"acx-rt push: {lines[0]}", file=sys.stderr)
+        print(f"acx-rt push: {first_line(error)}", file=sys.stderr)
         return 1
     print(f"pushed {args.output_dir} to {commit.commit_url}")
     return 0

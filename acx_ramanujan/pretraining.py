@@ -43,6 +43,7 @@ from .data import default_corpus_text, load_raw_datasets, text_to_dataset, token
 from .hub import push_to_hub
 from .metrics import load_metric
 from .modeling_ramanujan import RamanujanForCausalLM, expert_load
+from .saved_files import first_line
 from .tokenization_ramanujan import RamanujanByteTokenizer
 
 PROG = "acx-rt train"
@@ -239,8 +240,7 @@ def load_tokenizer(name: str | None):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--tokenizer_name {name}: no tokenizer could be loaded from it ({reason})") from None
+        raise ValueError(f"--tokenizer_name {name}: no tokenizer could be loaded from it ({first_line(error)})") from None
 
 
 def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
