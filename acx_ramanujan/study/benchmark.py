@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 from .. import pretraining
 from ..initialization_ramanujan import INIT_SCHEMES
 from ..atomic_files import write_json_atomically, write_text_atomically
+from ..saved_files import read_json_object
 from .reporting import markdown_table, parse_name_list, save_figure
 
 
@@ -105,31 +106,39 @@ def expected_settings(args: argparse.Namespace, layers: int, overrides: str, see
             "seed": seed}
 
 
-def check_finished_runs(args: argparse.Namespace) -> None:
-    """A finished run is reused only if it was trained with this benchmark's settings; otherwise refuse, naming it."""
+def planned_runs(args: argparse.Namespace):
+    """(layers, variant name, variant overrides, seed, run directory) of every run, in training order."""
     for layers in args.layers:
         for name, overrides in args.variants.items():
             for seed in range(args.seeds):
-                run_dir = run_dir_of(args, layers, name, seed)
-                if not is_finished(run_dir):
-                    continue
-                advice = "use another --output_dir or delete that run"
-                try:
-                    trained = json.loads((run_dir / "training_args.json").read_text())
-                except (OSError, ValueError):
-                    raise ValueError(f"finished run {run_dir} has no readable training_args.json, so its settings "
-                                     f"cannot be checked; {advice}") from None
-                for key, value in expected_settings(args, layers, overrides, seed).items():
-                    old = trained.get(key)
-                    same = old == value
-                    if key == "config_overrides" and isinstance(old, str) and not same:  # compare parsed fields
-                        try:
-                            same = pretraining.parse_config_overrides(old) == pretraining.parse_config_overrides(value)
-                        except ValueError:  # e.g. a field this version no longer has
-                            same = False
-                    if not same:
-                        raise ValueError(f"finished run {run_dir} was trained with {key}={old!r}, this benchmark "
-                                         f"would use {value!r}; {advice}")
+                yield layers, name, overrides, seed, run_dir_of(args, layers, name, seed)
+
+
+def check_finished_runs(args: argparse.Namespace) -> None:
+    """A finished run is reused only if it was trained with this benchmark's settings; otherwise refuse, naming it."""
+    advice = "use another --output_dir or delete that run"
+    for layers, _, overrides, seed, run_dir in planned_runs(args):
+        if not is_finished(run_dir):
+            continue
+        try:
+            trained = read_json_object(run_dir / "training_args.json")
+        except ValueError:
+            raise ValueError(f"finished run {run_dir} has no readable training_args.json, so its settings "
+                             f"cannot be checked; {advice}") from None
+        for key, value in expected_settings(args, layers, overrides, seed).items():
+            if not same_setting(key, trained.get(key), value):
+                raise ValueError(f"finished run {run_dir} was trained with {key}={trained.get(key)!r}, this benchmark "
+                                 f"would use {value!r}; {advice}")
+
+
+def same_setting(key: str, old, new) -> bool:
+    """Equal values; config overrides compare as parsed fields, so their order and spelling do not matter."""
+    if old == new or key != "config_overrides" or not isinstance(old, str):
+        return old == new
+    try:
+        return pretraining.parse_config_overrides(old) == pretraining.parse_config_overrides(new)
+    except ValueError:  # e.g. a field this version no longer has
+        return False
 
 
 def preset(args: argparse.Namespace) -> str:
@@ -181,15 +190,12 @@ class RunFailed(Exception):
 def run_all(args: argparse.Namespace) -> dict:
     """(layers, variant, seed) → run record; finished runs (checked by check_finished_runs) are read back."""
     runs = {}
-    for layers in args.layers:
-        for name, overrides in args.variants.items():
-            for seed in range(args.seeds):
-                run_dir = run_dir_of(args, layers, name, seed)
-                if not is_finished(run_dir):
-                    status = pretraining.main(train_argv(args, layers, overrides, seed, run_dir))
-                    if status != 0:
-                        raise RunFailed(f"training run {run_dir} failed with exit status {status} (its error is above)")
-                runs[(layers, name, seed)] = read_run(run_dir)
+    for layers, name, overrides, seed, run_dir in planned_runs(args):
+        if not is_finished(run_dir):
+            status = pretraining.main(train_argv(args, layers, overrides, seed, run_dir))
+            if status != 0:
+                raise RunFailed(f"training run {run_dir} failed with exit status {status} (its error is above)")
+        runs[(layers, name, seed)] = read_run(run_dir)
     return runs
 
 
