@@ -28,12 +28,13 @@ import torch
 from transformers import DynamicCache
 from transformers.exporters import OnnxConfig, OnnxExporter
 
+from .cli import OPTIONAL_PACKAGES
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
 from .saved_files import first_line, read_json_object
 
 FORMATS = ("onnx",)
-EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+EXPORT_PACKAGES = [package for package, extra in OPTIONAL_PACKAGES.items() if extra == "export"]  # imported lazily
 # The dynamo exporter writes opsets from torchlib's 18 up to torch.onnx's ONNX_MAX_OPSET (23 in torch 2.13).
 OPSET_RANGE = range(18, 24)
 ONNX_FILE = "model.onnx"
