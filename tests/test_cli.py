@@ -12,6 +12,10 @@ from acx_ramanujan import cli
     ("verify", "acx_ramanujan.study.verify", "matplotlib", "train"),
 ])
 def test_missing_extra_names_the_package_and_the_install(monkeypatch, capsys, command, module, package, extra):
+    # Transformers' own lazy imports probe peft with find_spec, which a None entry in sys.modules would break:
+    # import them first, as a real environment without peft would.
+    from transformers import EvalPrediction, Trainer  # noqa: F401
+
     for name in [name for name in sys.modules if name == module or name.startswith(("acx_ramanujan.lora", module + "."))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.delitem(sys.modules, module, raising=False)
