@@ -22,7 +22,7 @@ import sys
 import time
 import typing
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -123,7 +123,7 @@ def parse_config_overrides(text: str | None) -> dict:
     """`"k=v,k=v"` → {field: typed value}; each value is parsed as its RamanujanConfig field's annotated type."""
     if not text:
         return {}
-    annotations = {field.name: field.type for field in fields(RamanujanConfig)}
+    annotations = RamanujanConfig.field_types()
     overrides = {}
     # Split on commas that start a new `name=`, so JSON values such as rope_parameters may hold commas.
     for item in re.split(r",(?=\s*\w+\s*=)", text):
