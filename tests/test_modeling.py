@@ -1,6 +1,8 @@
 """The decoder behaves like a model that ships inside Transformers: shapes, cache, masks, save/load, MoE routing."""
 
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from conftest import run_without_package, tiny_config, tiny_moe_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from acx_ramanujan import RamanujanForCausalLM, RamanujanForSequenceClassification, RamanujanModel
-from acx_ramanujan.modeling_ramanujan import expert_load, load_balancing_loss, router_z_loss
+from acx_ramanujan.modeling_ramanujan import CACHE_NAME, expert_load, load_balancing_loss, router_z_loss
 
 CONFIGS = {"dense": tiny_config, "moe": tiny_moe_config}
 
@@ -90,9 +92,11 @@ def test_causal_lm_loss_is_shifted_cross_entropy():
     assert out.aux_loss is None
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_cached_and_uncached_greedy_generation_match(kind):
+def test_cached_and_uncached_greedy_generation_match(kind, attention):
     model = build(kind)
+    model.set_attn_implementation(attention)
     prompt = random_ids(2, 5)
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=256)
     uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=256)
@@ -103,6 +107,33 @@ def test_cached_and_uncached_greedy_generation_match(kind):
         next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
         sequence = torch.cat([sequence, next_token], dim=1)
     assert torch.equal(sequence, cached[:1])
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_is_taken_under_both_names_without_deprecation_warnings(name):
+    """Transformers 5.24 passes the KV cache as `cache=`, earlier 5.x releases as `past_key_values=`: both must extend
+    the cache (same logits as one full pass), and neither may warn from our code (FutureWarning or logger)."""
+    model = build()
+    ids = random_ids(2, 7)
+    full = model(ids).logits
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # Transformers warns once per process; start afresh
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            prefix = model(ids[:, :4], use_cache=True)
+            cache = getattr(prefix, CACHE_NAME)
+            step = model(ids[:, 4:], **{name: cache})
+            generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=256)
+    finally:
+        transformers_logger.removeHandler(handler)
+    torch.testing.assert_close(step.logits, full[:, 4:], rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 7 and generated.shape == (2, 10)
+    assert not [r for r in records if "deprecated" in r.getMessage()], [r.getMessage() for r in records]
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
