@@ -9,6 +9,7 @@ initialization (`initialization_ramanujan`) and the seed's per-layer attention t
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -405,14 +406,68 @@ class RamanujanPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Fail with the offending id instead of an opaque index error (skipped inside compiled graphs)."""
-    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+def check_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    vocab_size: int,
+) -> None:
+    """Bad Python-API input fails here, with one ValueError naming the problem, before any work.
+
+    Without these checks an empty batch, float ids or an out-of-range id fail deep inside as an IndexError or
+    RuntimeError (a device-side assert on CUDA), and an attention_mask of the wrong shape is silently broadcast
+    or cut, which changes the logits. Only the id range needs the ids' values; the rest reads shapes and dtypes.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    name, tokens, rank = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
+    if tokens.ndim != rank:
+        raise ValueError(f"{name} must have {rank} dimensions (batch, sequence{', hidden' if rank == 3 else ''}), got shape {tuple(tokens.shape)}")
+    if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    batch, length = tokens.shape[:2]
+    if batch == 0 or length == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of at least one token")
+    if attention_mask is not None and attention_mask.ndim == 2:  # a 4-D mask is taken as prepared by the caller
+        cached = cache.get_seq_length() if cache is not None else 0
+        # A static cache reports its length as a tensor: comparing it would read it back, so only its batch is checked.
+        expected = (batch, cached + length) if isinstance(cached, int) else (batch, attention_mask.shape[1])
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape {tuple(tokens.shape)}"
+                f"{f' after {cached} cached tokens' if cached else ''}: the mask must be (batch, cached + new tokens) = {expected}"
+            )
+    if input_ids is not None:
+        check_ids_in_range(input_ids, vocab_size, "token id", cache)
+
+
+def check_ids_in_range(
+    ids: torch.Tensor, vocab_size: int, what: str, cache: Cache | None, ignore_index: int | None = None
+) -> None:
+    """Fail with the offending id (a token id or a label) instead of an opaque index error or device-side assert.
+
+    The check reads the ids' min and max back to the host: free for CPU tensors, but a device→host sync on an
+    accelerator, which would stall every decode step of `generate()`. So on an accelerator only passes that do not
+    extend a filled cache check (training steps, a prompt's prefill, one forward): a decode step feeds back ids that
+    `generate()` picked from this model's own head, which has the embedding's size (`resize_token_embeddings` resizes
+    both). A cache filled before the first call (a static cache that `generate()` initialized early) also skips it.
+    Compiled graphs skip it too (a host read would break the graph). `vocab_size` is the live embedding/head size,
+    so it follows `resize_token_embeddings`.
+    """
+    if torch.compiler.is_compiling() or ids.numel() == 0:
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    if ids.device.type != "cpu" and cache is not None and cache.is_initialized:
+        return
+    if ignore_index is not None:
+        ids = ids.masked_fill(ids == ignore_index, 0)
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read for both
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
-        raise ValueError(f"token id {bad} is outside the vocabulary (vocab_size={vocab_size}, valid ids 0..{vocab_size - 1})")
+        ignored = f", or {ignore_index} to ignore" if ignore_index is not None else ""
+        raise ValueError(
+            f"{what} {bad} is outside the vocabulary (vocab_size={vocab_size}, valid ids 0..{vocab_size - 1}{ignored})"
+        )
 
 
 class RamanujanModel(RamanujanPreTrainedModel):
@@ -444,10 +499,8 @@ class RamanujanModel(RamanujanPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds, attention_mask, cache, self.embed_tokens.num_embeddings)
         if inputs_embeds is None:
-            check_token_ids(input_ids, self.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -492,7 +545,7 @@ def load_balancing_loss(
         probs = F.softmax(logits.float(), dim=-1)
         chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
         weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
-        weights = weights / weights.sum()
+        weights = weights / weights.sum().clamp_min(1)  # an all-padding batch: weight 0, not 0/0
         assignment_share = (chosen * weights[:, None]).sum(0) / top_k
         mean_prob = (probs * weights[:, None]).sum(0)
         losses.append(num_experts * (assignment_share * mean_prob).sum())
@@ -508,7 +561,7 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
             losses.append(z.mean())
         else:
             mask = attention_mask.reshape(-1).float()
-            losses.append((z * mask).sum() / mask.sum())
+            losses.append((z * mask).sum() / mask.sum().clamp_min(1))
     return torch.stack(losses).mean()
 
 
@@ -521,8 +574,28 @@ def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Te
     return torch.stack(rows)
 
 
+@dataclass
+class RamanujanCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """Qwen3-MoE's / Mixtral's output (whose cache field has the installed release's name) plus the router z-loss.
+
+    As there, `aux_loss` is the raw load-balancing loss; `z_loss` is the raw router z-loss; with labels,
+    `loss` = LM loss + router_aux_loss_coef · aux_loss + router_z_loss_coef · z_loss.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+
+
+def check_labels(labels: torch.Tensor, tokens: torch.Tensor, vocab_size: int, cache: Cache | None) -> None:
+    """Labels must be integer ids shaped like the input, each a vocabulary id or -100 (ignored): one ValueError if not."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the input has (batch, sequence) = {tuple(tokens.shape[:2])}")
+    check_ids_in_range(labels, vocab_size, "label", cache, ignore_index=-100)
+
+
 class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
-    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss` (as `aux_loss`)."""
+    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss`, each times its coefficient."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -550,10 +623,12 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> "RamanujanCausalLMOutputWithPast":
         if output_router_logits is None:
             output_router_logits = self.config.is_moe and self.config.output_router_logits
         need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)
+        if labels is not None:
+            check_labels(labels, input_ids if input_ids is not None else inputs_embeds, self.lm_head.out_features, cache)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -570,17 +645,18 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = None
+        aux_loss = z_loss = None
         if need_router_logits:
-            router_logits = outputs.router_logits
-            aux_loss = self.config.router_aux_loss_coef * load_balancing_loss(
-                router_logits, self.config.num_experts_per_tok, attention_mask
-            ) + self.config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
+            z_loss = router_z_loss(outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+                # Summed in this order since the first release, so the total (and the published numbers) stay exact.
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                loss = loss + router_loss.to(loss.device)
+        return RamanujanCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
+            z_loss=z_loss,
             logits=logits,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
@@ -658,6 +734,7 @@ __all__ = [
     "RamanujanModel",
     "RamanujanForCausalLM",
     "RamanujanForSequenceClassification",
+    "RamanujanCausalLMOutputWithPast",
     "load_balancing_loss",
     "router_z_loss",
     "expert_load",
