@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -230,6 +230,10 @@ class RamanujanExperts(nn.Module):
     gate_up_proj: (num_experts, 2·moe_intermediate_size, hidden); down_proj: (num_experts, hidden, moe_intermediate).
     The eager forward is dropless and computes each token only for its own top-k experts: assignments are
     sorted by expert, gathered once, run through each expert's contiguous slice, weighted and scattered back.
+    Sizing those slices reads the per-expert counts back to the host, which a compiled graph (or a CUDA graph)
+    cannot do; there, and under expert parallelism (whose dispatch can send the out-of-range id `num_experts` with
+    weight 0), it runs Transformers' "batched_mm" instead: the same sums over each token's top-k experts, with
+    shapes that do not depend on the routing.
     """
 
     def __init__(self, config: RamanujanConfig):
@@ -242,6 +246,8 @@ class RamanujanExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if torch.compiler.is_compiling() or self._is_expert_parallel:
+            return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
         order = flat_experts.argsort(stable=True)
@@ -346,7 +352,7 @@ class RamanujanPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # the MoE dispatch sizes its expert slices on the host
+    _can_compile_fullgraph = True  # the MoE eager dispatch switches to a shape-static path when compiled
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": RamanujanRouter,
