@@ -1,5 +1,6 @@
 """The decoder behaves like a model that ships inside Transformers: shapes, cache, masks, save/load, MoE routing."""
 
+import inspect
 import logging
 import math
 import warnings
@@ -58,6 +59,29 @@ def test_llama_module_names():
         "model.layers.1.mlp.experts", "model.layers.1.mlp.shared_experts.gate_proj",
     ]:
         assert expected in names, expected
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parallel_plans_name_modules_that_exist(tied):
+    """Every tensor-, expert- and pipeline-parallel rule names a module or parameter of a built model (one with a dense
+    layer, experts and shared experts, so every rule has something to match) and a style Transformers knows."""
+    import re
+
+    from transformers.distributed import expert_parallel, tensor_parallel  # noqa: F401  (they register the styles)
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    model = build("moe", num_shared_experts=1, first_k_dense_layers=1, tie_word_embeddings=tied)
+    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    plans = {"tp": model.tp_plan, "ep": model.ep_plan, "pp": model.pp_plan}
+    assert "model.embed_tokens" in plans["tp"] and "lm_head" in plans["tp"] and "model.layers.*.mlp.experts" in plans["ep"]
+    for kind, plan in plans.items():
+        for key, style in plan.items():
+            pattern = re.compile(re.escape(key).replace(r"\*", r"\d+"))
+            assert any(pattern.fullmatch(name) for name in names), f"{kind} plan rule {key!r} matches no module"
+            if kind != "pp":
+                assert style in ALL_PARALLEL_STYLES, f"{kind} plan style {style!r} of {key!r} is unknown"
+    layer_inputs = plans["pp"]["model.layers"][0]
+    assert set(layer_inputs) <= set(inspect.signature(model.model.layers[0].forward).parameters)
 
 
 def test_token_id_out_of_range_is_named():
