@@ -360,6 +360,16 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         "attentions": RamanujanAttention,
     }
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also name every head we ship in config.json's `auto_map`.
+
+        Transformers writes only the saving class there, so a checkpoint saved from the causal LM could not be loaded
+        through `trust_remote_code` as a classifier or a base model (the package registers these Auto classes).
+        """
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_code_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
 
@@ -481,6 +491,7 @@ class RamanujanModel(RamanujanPreTrainedModel):
 
     def __init__(self, config: RamanujanConfig):
         super().__init__(config)
+        config.check_special_token_ids()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -678,6 +689,8 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
 RamanujanForCausalLM.forward.__signature__ = inspect.signature(RamanujanForCausalLM.forward)
 
 
+# Not Transformers' `GenericForSequenceClassification`: its __init__ builds the decoder with `AutoModel.from_config`,
+# which under remote code has no `trust_remote_code` to pass and raises (checked on 5.23.0 and 5.24.0).
 class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
     """Decoder + linear score head on the last non-pad token (Llama's pooling; works with left or right padding)."""
 
@@ -733,6 +746,16 @@ class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+def remote_code_auto_map() -> dict[str, str]:
+    """`auto_map` entries of the model heads, as "modeling_ramanujan.ClassName" (the file save_pretrained copies)."""
+    heads = {
+        "AutoModel": RamanujanModel,
+        "AutoModelForCausalLM": RamanujanForCausalLM,
+        "AutoModelForSequenceClassification": RamanujanForSequenceClassification,
+    }
+    return {auto: f"{head.__module__.rsplit('.', 1)[-1]}.{head.__name__}" for auto, head in heads.items()}
 
 
 __all__ = [

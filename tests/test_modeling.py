@@ -326,6 +326,41 @@ assert torch.equal(model(expected["ids"]).logits, expected["logits"])
     )
 
 
+def test_every_head_loads_by_remote_code_whichever_head_saved(tmp_path):
+    """config.json's auto_map names all heads, so a causal-LM checkpoint loads as a classifier or a base model (and a
+    classifier checkpoint as a causal LM) with trust_remote_code, in a process where our package cannot be imported."""
+    import json
+
+    model = build()
+    lm_dir, classifier_dir = tmp_path / "causal_lm", tmp_path / "classifier"
+    model.save_pretrained(lm_dir)
+    RamanujanForSequenceClassification(tiny_config(num_labels=3)).save_pretrained(classifier_dir)
+    heads = {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    for directory in (lm_dir, classifier_dir):
+        assert set(json.loads((directory / "config.json").read_text())["auto_map"]) == heads
+    ids = random_ids()
+    torch.save({"ids": ids, "hidden": model.model(ids).last_hidden_state}, tmp_path / "expected.pt")
+    run_without_package(
+        f"""
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+torch.set_num_threads(1)
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+classifier = AutoModelForSequenceClassification.from_pretrained({str(lm_dir)!r}, trust_remote_code=True, num_labels=3)
+assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+assert type(classifier).__name__ == "RamanujanForSequenceClassification", type(classifier)
+classifier.eval()
+assert torch.equal(classifier.model(expected["ids"]).last_hidden_state, expected["hidden"])
+assert classifier(expected["ids"]).logits.shape == (2, 3)
+base = AutoModel.from_pretrained({str(lm_dir)!r}, trust_remote_code=True).eval()
+assert torch.equal(base(expected["ids"]).last_hidden_state, expected["hidden"])
+causal_lm = AutoModelForCausalLM.from_pretrained({str(classifier_dir)!r}, trust_remote_code=True)
+assert type(causal_lm).__name__ == "RamanujanForCausalLM", type(causal_lm)
+""",
+        cwd=tmp_path,
+    )
+
+
 def test_sequence_classification_pools_last_non_pad_token():
     torch.manual_seed(0)
     model = RamanujanForSequenceClassification(tiny_config(num_labels=3)).eval()
