@@ -30,6 +30,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -38,7 +39,7 @@ from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, sch
 
 # Transformers 5.24 renamed the KV cache `past_key_values` → `cache` everywhere at once: `generate()` passes `cache=`,
 # outputs carry `.cache`, `create_causal_mask` and `GradientCheckpointingLayer` read `cache`. Earlier 5.x releases
-# use `past_key_values` in all four places. Our forwards take `cache` and also accept `past_key_values`, silently
+# use `past_key_values` in all four places. Our forwards take `cache` and also accept `past_key_values`
 # (`accepts_past_key_values`); CACHE_NAME is the installed release's name, used wherever we hand the cache to
 # Transformers. Reading `output.past_key_values` on 5.24 logs a deprecation warning, so code that must run on both
 # reads `getattr(output, CACHE_NAME)`.
@@ -46,7 +47,13 @@ CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ e
 
 
 def accepts_past_key_values(forward: Callable) -> Callable:
-    """Let a `forward(..., cache=...)` also be called with `past_key_values=` (what releases before 5.24 pass)."""
+    """Let a `forward(..., cache=...)` also be called with `past_key_values=`, as Llama is on the installed release.
+
+    Where `cache` is the release's name, through the `deprecate_kwarg` Llama uses (its FutureWarning included); on
+    earlier releases silently, since their own `generate()` passes `past_key_values`.
+    """
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
@@ -640,7 +647,7 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> "RamanujanCausalLMOutputWithPast":
+    ) -> RamanujanCausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.is_moe and self.config.output_router_logits
         need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)

@@ -164,13 +164,8 @@ def test_cached_and_uncached_greedy_generation_match(kind, attention):
     assert torch.equal(sequence, cached[:1])
 
 
-@pytest.mark.parametrize("name", ["cache", "past_key_values"])
-def test_cache_is_taken_under_both_names_without_deprecation_warnings(name):
-    """Transformers 5.24 passes the KV cache as `cache=`, earlier 5.x releases as `past_key_values=`: both must extend
-    the cache (same logits as one full pass), and neither may warn from our code (FutureWarning or logger)."""
-    model = build()
-    ids = random_ids(2, 7)
-    full = model(ids).logits
+def deprecation_messages(call) -> list[str]:
+    """The FutureWarnings and Transformers log records mentioning deprecation that `call()` emits."""
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -178,17 +173,38 @@ def test_cache_is_taken_under_both_names_without_deprecation_warnings(name):
     transformers_logger.addHandler(handler)
     logging.Logger.warning_once.cache_clear()  # Transformers warns once per process; start afresh
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)
-            prefix = model(ids[:, :4], use_cache=True)
-            cache = getattr(prefix, CACHE_NAME)
-            step = model(ids[:, 4:], **{name: cache})
-            generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=256)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FutureWarning)
+            call()
     finally:
         transformers_logger.removeHandler(handler)
-    torch.testing.assert_close(step.logits, full[:, 4:], rtol=1e-4, atol=1e-5)
-    assert cache.get_seq_length() == 7 and generated.shape == (2, 10)
-    assert not [r for r in records if "deprecated" in r.getMessage()], [r.getMessage() for r in records]
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    return messages + [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_is_taken_under_both_names_and_warns_as_llama_does(name):
+    """Transformers 5.24 passes the KV cache as `cache=`, earlier 5.x releases as `past_key_values=`: both names extend
+    the cache (same logits as one full pass). generate() warns about nothing on any release; an explicit
+    `past_key_values=` warns exactly when Llama on the installed release warns (5.24+: it is deprecated there)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = build()
+    ids = random_ids(2, 7)
+    full = model(ids).logits
+    prefix = model(ids[:, :4], use_cache=True)
+    cache = getattr(prefix, CACHE_NAME)
+    steps = []
+    ours = deprecation_messages(lambda: steps.append(model(ids[:, 4:], **{name: cache})))
+    torch.testing.assert_close(steps[0].logits, full[:, 4:], rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 7
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()
+    llama_cache = getattr(llama(ids[:, :4], use_cache=True), CACHE_NAME)
+    llamas = deprecation_messages(lambda: llama(ids[:, 4:], **{name: llama_cache}))
+    assert bool(ours) == bool(llamas), (ours, llamas)
+    assert deprecation_messages(lambda: model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=256)) == []
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
