@@ -444,25 +444,34 @@ def check_inputs(
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    name, tokens, rank = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
-    if tokens.ndim != rank:
-        raise ValueError(f"{name} must have {rank} dimensions (batch, sequence{', hidden' if rank == 3 else ''}), got shape {tuple(tokens.shape)}")
-    if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool):
+    name, tokens, axes = (
+        ("input_ids", input_ids, "(batch, sequence)")
+        if input_ids is not None
+        else ("inputs_embeds", inputs_embeds, "(batch, sequence, hidden)")
+    )
+    if tokens.ndim != axes.count(",") + 1:
+        raise ValueError(f"{name} must have the axes {axes}, got shape {tuple(tokens.shape)}")
+    if input_ids is not None and not holds_integers(input_ids):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     batch, length = tokens.shape[:2]
     if batch == 0 or length == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of at least one token")
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of one token")
     if attention_mask is not None and attention_mask.ndim == 2:  # a 4-D mask is taken as prepared by the caller
         cached = cache.get_seq_length() if cache is not None else 0
         # A static cache reports its length as a tensor: comparing it would read it back, so only its batch is checked.
         expected = (batch, cached + length) if isinstance(cached, int) else (batch, attention_mask.shape[1])
         if tuple(attention_mask.shape) != expected:
+            after_cache = f" after {cached} cached tokens" if cached else ""
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape {tuple(tokens.shape)}"
-                f"{f' after {cached} cached tokens' if cached else ''}: the mask must be (batch, cached + new tokens) = {expected}"
+                f"{after_cache}: the mask must be (batch, cached + new tokens) = {expected}"
             )
     if input_ids is not None:
         check_ids_in_range(input_ids, vocab_size, "token id", cache)
+
+
+def holds_integers(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def check_ids_in_range(
@@ -610,16 +619,17 @@ class RamanujanCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 def check_labels(labels: torch.Tensor, tokens: torch.Tensor, vocab_size: int, cache: Cache | None) -> None:
-    """Labels must be integer ids shaped like the input, each a vocabulary id or -100 (ignored): one ValueError if not."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    """Labels: integer ids shaped like the input, each a vocabulary id or -100 (ignored); one ValueError if not."""
+    if not holds_integers(labels):
         raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(tokens.shape[:2]):
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but the input has (batch, sequence) = {tuple(tokens.shape[:2])}")
+        expected = tuple(tokens.shape[:2])
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the input has (batch, sequence) = {expected}")
     check_ids_in_range(labels, vocab_size, "label", cache, ignore_index=-100)
 
 
 class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
-    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss`, each times its coefficient."""
+    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss`, times their coefs."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -652,7 +662,8 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
             output_router_logits = self.config.is_moe and self.config.output_router_logits
         need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)
         if labels is not None:
-            check_labels(labels, input_ids if input_ids is not None else inputs_embeds, self.lm_head.out_features, cache)
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            check_labels(labels, tokens, self.lm_head.out_features, cache)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

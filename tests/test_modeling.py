@@ -61,25 +61,36 @@ def test_llama_module_names():
         assert expected in names, expected
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_parallel_plans_name_modules_that_exist(tied):
-    """Every tensor-, expert- and pipeline-parallel rule names a module or parameter of a built model (one with a dense
-    layer, experts and shared experts, so every rule has something to match) and a style Transformers knows."""
+PLAN_SHAPES = {  # each config's plans may name only modules that config builds
+    "dense": ("dense", {}),
+    "dense-tied": ("dense", {"tie_word_embeddings": True}),
+    "moe": ("moe", {}),
+    "moe-shared-dense-first": ("moe", {"num_shared_experts": 1, "first_k_dense_layers": 1}),
+}
+
+
+@pytest.mark.parametrize("shape", PLAN_SHAPES)
+def test_parallel_plans_name_modules_that_exist(shape):
+    """Every tensor-, expert- and pipeline-parallel rule names a module or parameter of the built model and a style
+    Transformers knows; the embedding is split like the head it may be tied to; experts get an expert plan."""
     import re
 
     from transformers.distributed import expert_parallel, tensor_parallel  # noqa: F401  (they register the styles)
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
-    model = build("moe", num_shared_experts=1, first_k_dense_layers=1, tie_word_embeddings=tied)
-    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    plans = {"tp": model.tp_plan, "ep": model.ep_plan, "pp": model.pp_plan}
-    assert "model.embed_tokens" in plans["tp"] and "lm_head" in plans["tp"] and "model.layers.*.mlp.experts" in plans["ep"]
-    for kind, plan in plans.items():
+    kind, overrides = PLAN_SHAPES[shape]
+    model = build(kind, **overrides)
+    names = {name for name, _ in model.named_modules()}
+    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    plans = {"tp": model.tp_plan, "ep": model.ep_plan or {}, "pp": model.pp_plan}
+    assert plans["tp"]["model.embed_tokens"] == "embedding_rowwise" and "lm_head" in plans["tp"]
+    assert ("model.layers.*.mlp.experts" in plans["ep"]) == (kind == "moe")
+    for plan_kind, plan in plans.items():
         for key, style in plan.items():
             pattern = re.compile(re.escape(key).replace(r"\*", r"\d+"))
-            assert any(pattern.fullmatch(name) for name in names), f"{kind} plan rule {key!r} matches no module"
-            if kind != "pp":
-                assert style in ALL_PARALLEL_STYLES, f"{kind} plan style {style!r} of {key!r} is unknown"
+            assert any(pattern.fullmatch(name) for name in names), f"{plan_kind} plan rule {key!r} matches no module"
+            if plan_kind != "pp":
+                assert style in ALL_PARALLEL_STYLES, f"{plan_kind} plan style {style!r} of {key!r} is unknown"
     layer_inputs = plans["pp"]["model.layers"][0]
     assert set(layer_inputs) <= set(inspect.signature(model.model.layers[0].forward).parameters)
 
@@ -498,27 +509,32 @@ def test_moe_all_padding_batch_gives_a_finite_loss():
 # ---------------------------------------------------------------- bad input through the Python API
 
 
-@pytest.mark.parametrize(
-    "call, message",
-    [
-        (lambda m, ids: m(ids, attention_mask=torch.ones(2, 5, dtype=torch.long)), r"attention_mask has shape \(2, 5\).*\(2, 7\)"),
-        (lambda m, ids: m(ids, attention_mask=torch.ones(1, 7, dtype=torch.long)), r"attention_mask has shape \(1, 7\)"),
-        (lambda m, ids: m(ids[:0]), r"input_ids is empty \(shape \(0, 7\)\)"),
-        (lambda m, ids: m(ids[:, :0]), r"input_ids is empty \(shape \(2, 0\)\)"),
-        (lambda m, ids: m(ids.float()), r"input_ids must hold integer token ids, got dtype torch.float32"),
-        (lambda m, ids: m(ids[0]), r"input_ids must have 2 dimensions"),
-        (lambda m, ids: m(ids, labels=torch.full_like(ids, 259)), r"label 259 is outside the vocabulary .*or -100 to ignore"),
-        (lambda m, ids: m(ids, labels=torch.full_like(ids, -5)), r"label -5 is outside the vocabulary"),
-        (lambda m, ids: m(ids, labels=ids.float()), r"labels must hold integer token ids"),
-        (lambda m, ids: m(ids, labels=ids[:, :3]), r"labels have shape \(2, 3\)"),
-    ],
-    ids=["mask-length", "mask-batch", "empty-batch", "empty-prompt", "float-ids", "1d-ids", "label-high",
-         "label-negative", "float-labels", "label-shape"],
-)
-def test_bad_python_input_is_one_clear_value_error(call, message):
-    model = build()
+# name: (forward's arguments, built from good ids of shape (2, 7); the error message expected)
+BAD_INPUTS = {
+    "mask-length": (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(2, 5, dtype=torch.long)),
+                    r"attention_mask has shape \(2, 5\).*\(2, 7\)"),
+    "mask-batch": (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(1, 7, dtype=torch.long)),
+                   r"attention_mask has shape \(1, 7\)"),
+    "empty-batch": (lambda ids: dict(input_ids=ids[:0]), r"input_ids is empty \(shape \(0, 7\)\)"),
+    "empty-prompt": (lambda ids: dict(input_ids=ids[:, :0]), r"input_ids is empty \(shape \(2, 0\)\)"),
+    "float-ids": (lambda ids: dict(input_ids=ids.float()),
+                  r"input_ids must hold integer token ids, got dtype torch.float32"),
+    "1d-ids": (lambda ids: dict(input_ids=ids[0]),
+               r"input_ids must have the axes \(batch, sequence\), got shape \(7,\)"),
+    "label-high": (lambda ids: dict(input_ids=ids, labels=torch.full_like(ids, 259)),
+                   r"label 259 is outside the vocabulary .*or -100 to ignore"),
+    "label-negative": (lambda ids: dict(input_ids=ids, labels=torch.full_like(ids, -5)),
+                       r"label -5 is outside the vocabulary"),
+    "float-labels": (lambda ids: dict(input_ids=ids, labels=ids.float()), r"labels must hold integer token ids"),
+    "label-shape": (lambda ids: dict(input_ids=ids, labels=ids[:, :3]), r"labels have shape \(2, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_python_input_is_one_clear_value_error(case):
+    arguments, message = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=message):
-        call(model, random_ids(2, 7))
+        build()(**arguments(random_ids(2, 7)))
 
 
 def test_attention_mask_after_cached_tokens_must_cover_them():
