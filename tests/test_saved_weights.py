@@ -84,47 +84,33 @@ def test_the_check_follows_the_shard_index(good_checkpoint, tmp_path):
         check_saved_weights(sharded)
 
 
-def one_error_line(capsys) -> str:
+def finetune_argv(checkpoint, tmp_path) -> list[str]:
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))
+    return ["finetune", "--model_name_or_path", str(checkpoint), "--train_file", str(data), "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "1", "--block_size", "16", "--report_to", "none", "--use_cpu", "true",
+            "--disable_tqdm", "true"]
+
+
+# command: (arguments for a checkpoint and a scratch folder, exit status, start of the error line)
+COMMANDS = {
+    "finetune": (finetune_argv, 1, "acx-rt finetune: error: "),
+    "export": (lambda checkpoint, tmp_path: ["export", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")],
+               1, "acx-rt export: "),
+    "visualize": (lambda checkpoint, tmp_path: ["visualize", "--checkpoint", str(checkpoint), "--output_dir",
+                                                str(tmp_path / "out"), "--type", "variance"], 2, "acx-rt visualize: error: "),
+    # --dry_run runs every local check without the Hub; test_hub shows that a failing check sends no request.
+    "push": (lambda checkpoint, tmp_path: ["push", str(checkpoint), "test-user/damaged", "--dry_run"], 1, "acx-rt push: "),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_refuses_damaged_weights_in_one_line_before_any_work(damaged, command, tmp_path, capsys):
+    checkpoint, message = damaged
+    arguments, expected_status, prefix = COMMANDS[command]
+    status = acx_rt(arguments(checkpoint, tmp_path))
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    return lines[0]
-
-
-def test_finetune_refuses_damaged_weights_before_training(damaged, tmp_path, capsys):
-    checkpoint, message = damaged
-    data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))
-    output = tmp_path / "out"
-    status = acx_rt(["finetune", "--model_name_or_path", str(checkpoint), "--train_file", str(data), "--output_dir",
-                     str(output), "--max_steps", "1", "--block_size", "16", "--report_to", "none", "--use_cpu", "true",
-                     "--disable_tqdm", "true"])
-    line = one_error_line(capsys)
-    assert status == 1 and line.startswith("acx-rt finetune: error: ") and message in line, line
-    assert not output.exists()
-
-
-def test_export_refuses_damaged_weights(damaged, tmp_path, capsys):
-    checkpoint, message = damaged
-    output = tmp_path / "onnx"
-    status = acx_rt(["export", "--checkpoint", str(checkpoint), "--output_dir", str(output)])
-    line = one_error_line(capsys)
-    assert status == 1 and line.startswith("acx-rt export: ") and message in line, line
-    assert not output.exists()
-
-
-def test_visualize_refuses_damaged_weights(damaged, tmp_path, capsys):
-    checkpoint, message = damaged
-    output = tmp_path / "plots"
-    status = acx_rt(["visualize", "--checkpoint", str(checkpoint), "--output_dir", str(output), "--type", "variance"])
-    line = one_error_line(capsys)
-    assert status == 2 and line.startswith("acx-rt visualize: error: ") and message in line, line
-    assert not output.exists()
-
-
-def test_push_refuses_damaged_weights_without_the_hub(damaged, capsys):
-    """--dry_run runs every local check; the hub tests show that a failing check sends no request."""
-    checkpoint, message = damaged
-    status = acx_rt(["push", str(checkpoint), "test-user/damaged", "--dry_run"])
-    line = one_error_line(capsys)
-    assert status == 1 and line.startswith("acx-rt push: ") and message in line, line
+    assert status == expected_status and lines[0].startswith(prefix) and message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
