@@ -28,7 +28,7 @@ from transformers.trainer_utils import HubStrategy
 from hub_cards import hardware_description, write_model_card
 
 from .data import load_raw_datasets
-from .hub import push_to_hub
+from .hub import hub_error_line, push_to_hub
 from .lora import LoraArguments, apply_lora, save_merged
 from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
 from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, safetensors_shapes
@@ -252,6 +252,8 @@ def take_hub_push(training_args: TrainingArguments, lora_args: LoraArguments) ->
     if not training_args.push_to_hub:
         return None
     training_args.push_to_hub = False
+    if not training_args.do_train:
+        raise ValueError("--push_to_hub needs --do_train: an evaluation-only run writes no model to push")
     if training_args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
         raise ValueError(f"--hub_strategy {training_args.hub_strategy.value} is not supported: --push_to_hub uploads the "
                          "finished model once, at the end of the run (checkpoints stay local)")
@@ -366,7 +368,8 @@ def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: C
         commit = push_to_hub(pushed_dir, hub_push.repo_id, private=hub_push.private, revision=hub_push.revision,
                              token=hub_push.token, commit_message=f"{prog}: fine-tuned model")
     except (ValueError, OSError, httpx2.TransportError) as error:  # HfHubHTTPError is an OSError
-        print(f"{prog}: error: the push to the Hub failed ({first_line(error)}); the run is saved in {output_dir}", file=sys.stderr)
+        print(f"{prog}: error: the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}",
+              file=sys.stderr)
         return 1
     print(f"pushed {pushed_dir} to {commit.commit_url}")
     return 0

@@ -14,6 +14,7 @@ only into the request headers, and is never printed.
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from hub_cards import render_model_card
 
 from . import modeling_ramanujan
 from .modeling_ramanujan import RamanujanForCausalLM
-from .saved_files import WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, weight_files
+from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, weight_files
 
 CARD = "README.md"
 MODEL_FILES = ["config.json", "generation_config.json"]
@@ -83,7 +84,7 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
-    include: list[str] = (),
+    include: Sequence[str] = (),
 ) -> CommitInfo:
     """Push the model in `output_dir` to `repo_id` (created if missing; `revision`: a branch, created if missing)
     in one commit, and print what it uploads.
@@ -164,7 +165,7 @@ def hub_error_line(error: Exception) -> str:
     return line
 
 
-def plan_upload(output_dir, repo_id: str, include: list[str] = ()) -> Upload:
+def plan_upload(output_dir, repo_id: str, include: Sequence[str] = ()) -> Upload:
     """Check `output_dir` (`check_output_dir`) and list what a push uploads; nothing is written anywhere.
 
     The list: config.json, generation_config.json, the weights `from_pretrained` reads (one file, or index and
@@ -183,7 +184,7 @@ def plan_upload(output_dir, repo_id: str, include: list[str] = ()) -> Upload:
     tokenizer_files = TOKENIZER_FILES + sorted(type(tokenizer).vocab_files_names.values())
     chat_templates = sorted(f"{EXTRA_CHAT_TEMPLATES}/{path.name}" for path in (output_dir / EXTRA_CHAT_TEMPLATES).glob("*.jinja"))
     weights = [str(path.relative_to(output_dir)) for path in weight_files(output_dir)]
-    if (output_dir / WEIGHTS_INDEX).is_file() and len(weights) > 1:
+    if weights != [WEIGHTS]:  # shards: their index goes with them
         weights.append(WEIGHTS_INDEX)
     candidates = [*MODEL_FILES, *weights, *code_files, *tokenizer_files, *chat_templates, CARD, *RESULT_FILES]
     files = sorted({name for name in candidates if (output_dir / name).is_file()} | set(map(checked_include_name, include)))

@@ -112,8 +112,9 @@ def test_resume_from_another_models_checkpoint_names_the_tensor(checkpoint, text
         (["--use_lora"], "--push_to_hub with --use_lora needs --merge_lora"),
         (["--hub_model_id", "not a/valid id"], "--hub_model_id 'not a/valid id' is not a valid repo id"),
         (["--no-token"], "--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`"),
+        (["--do_eval"], "--push_to_hub needs --do_train"),
     ],
-    ids=["checkpoint strategy", "lora without merge", "bad repo id", "no token"],
+    ids=["checkpoint strategy", "lora without merge", "bad repo id", "no token", "evaluation only"],
 )
 def test_push_settings_that_cannot_be_honoured_are_refused_before_any_work(checkpoint, text_file, tmp_path, capsys,
                                                                             monkeypatch, flags, message):

@@ -530,3 +530,16 @@ def test_hub_finetune_push_never_writes_or_uploads_the_token(hub, base_run, tmp_
     assert all(TOKEN.encode() not in content for content in files.values())
     assert all(TOKEN.encode() not in body for body in hub.bodies)
     assert "ramanujan-init" in files["README.md"].decode() or "ramanujan" in ModelCard(files["README.md"].decode()).data.tags
+
+
+def test_hub_finetune_with_lora_pushes_the_merged_model(hub, base_run, tmp_path, capsys):
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))
+    output = tmp_path / "out"
+    status = acx_rt(["finetune", "--model_name_or_path", str(base_run), "--train_file", str(data), "--output_dir", str(output),
+                     "--use_lora", "--lora_r", "4", "--merge_lora", *FINETUNE, "--hub_model_id", "test-user/merged"])
+    assert status == 0, capsys.readouterr().err
+    repo = hub.repos["test-user/merged"]
+    files = repo.commits[repo.branches["main"]].files
+    assert set(files) == MODEL_REPO_FILES | {".gitattributes"}  # no adapter files, no results files (they stay beside the adapter)
+    assert files["model.safetensors"] == (output / "merged" / "model.safetensors").read_bytes()
