@@ -471,6 +471,7 @@ def check_inputs(
 
 
 def holds_integers(tensor: torch.Tensor) -> bool:
+    """Whether a tensor can hold token ids: any integer dtype (not float, complex or bool)."""
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
@@ -661,8 +662,8 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         if output_router_logits is None:
             output_router_logits = self.config.is_moe and self.config.output_router_logits
         need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)
-        if labels is not None:
-            tokens = input_ids if input_ids is not None else inputs_embeds
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None:  # no input at all: the base model names that
             check_labels(labels, tokens, self.lm_head.out_features, cache)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,

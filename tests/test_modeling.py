@@ -527,6 +527,7 @@ BAD_INPUTS = {
                        r"label -5 is outside the vocabulary"),
     "float-labels": (lambda ids: dict(input_ids=ids, labels=ids.float()), r"labels must hold integer token ids"),
     "label-shape": (lambda ids: dict(input_ids=ids, labels=ids[:, :3]), r"labels have shape \(2, 3\)"),
+    "labels-only": (lambda ids: dict(labels=ids), r"exactly one of input_ids or inputs_embeds"),
 }
 
 
