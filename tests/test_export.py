@@ -1,4 +1,4 @@
-"""`acx-rt export`: the ONNX graphs run in ONNX Runtime and agree with PyTorch, dense and MoE, with and without a cache."""
+"""`acx-rt export --format onnx`: the ONNX graphs run in ONNX Runtime and agree with PyTorch, dense and MoE, with and without a cache."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, tiny_moe_config
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig
 
-from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export, export_onnx
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -76,7 +76,7 @@ def test_verification_rejects_a_graph_that_disagrees(dense_export):
     with torch.no_grad():
         perturbed.lm_head.weight.add_(0.01)
     with pytest.raises(export.ExportError, match="differ from PyTorch"):
-        export.verify(output_dir, perturbed, with_past=False)
+        export_onnx.verify(output_dir, perturbed, with_past=False)
 
 
 def test_moe_with_past_generates_like_generate(tmp_path, capsys):
@@ -129,8 +129,8 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
         assert (directory / "config.json").is_file() and directory != output_dir
         raise export.ExportError("logits differ")
 
-    monkeypatch.setattr(export, "export_onnx", lambda model, with_past, opset, directory: model.config.save_pretrained(directory))
-    monkeypatch.setattr(export, "verify", failing_verify)
+    monkeypatch.setattr(export_onnx, "export_onnx", lambda model, with_past, opset, directory: model.config.save_pretrained(directory))
+    monkeypatch.setattr(export_onnx, "verify", failing_verify)
     assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "acx-rt export: logits differ"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint"]
@@ -146,6 +146,9 @@ def write_config(directory, config):
     [
         ("format", ["--format", "tflite"], "unknown --format 'tflite'"),
         ("opset", ["--opset", "11"], "--opset 11 is outside 18-23"),
+        ("with_past_not_onnx", ["--format", "llama", "--with_past"], "--format llama does not take --with_past"),
+        ("outtype_not_gguf", ["--outtype", "f16"], "--format onnx does not take --outtype"),
+        ("outtype", ["--format", "gguf", "--outtype", "q4_k"], "unknown --outtype 'q4_k'"),
         ("llama", [], "holds a 'llama' model, not a Ramanujan one"),
         ("no_config", [], "has no config.json"),
         ("no_weights", [], "cannot load --checkpoint"),
