@@ -38,7 +38,7 @@ DEFAULT_OUTTYPE = "f16"
 MAX_ABS_DIFF = {"f32": 1e-3, "f16": 2e-2}
 VERIFY_TEXTS = ["Hello, world!", "Ramanujan ∑ 1729 — é 漢字 😀", "  two spaces\tand a tab\n"]
 GENERATE_TOKENS = 8
-N_CTX = 128
+N_CTX = 64
 ROPE_TYPES = ("default", "linear", "llama3")
 GGUF_FILE = "model-{outtype}.gguf"
 # Stands in for the empty merges list of a merge-free vocabulary (see the module docstring).
