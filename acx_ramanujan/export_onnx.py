@@ -10,10 +10,13 @@ expert over the tokens routed to it: routing (Softmax → TopK → sort by exper
 One graph, `model.onnx` (weights in `model.onnx.data`), with dynamic batch and sequence axes:
 
 - default: `input_ids`, `attention_mask` → `logits`.
-- `--with_past`: also `position_ids` and, per layer i, `input.past_key_values.layers.{i}.keys` / `.values`
-  (batch, kv_heads, past_length, head_dim) → `logits` and `output.past_key_values.layers.{i}.keys` / `.values`,
+- `--with_past`: also `position_ids` and, per layer i, `input.cache.layers.{i}.keys` / `.values`
+  (batch, kv_heads, past_length, head_dim) → `logits` and `output.cache.layers.{i}.keys` / `.values`,
   the cache grown by the new tokens. A past of length 0 makes it the prefill, so one graph serves every step.
-  The names are the `DynamicCache`'s pytree paths, so `transformers.exporters.ExportedModel.from_pretrained` reads it.
+  The names are the `DynamicCache`'s pytree paths under the installed release's name for the cache argument
+  (`modeling_ramanujan.CACHE_NAME`: `cache` from Transformers 5.24, `past_key_values` before), which the model's
+  output carries too, so the exporter pairs them as `input.` / `output.` and
+  `transformers.exporters.ExportedModel.from_pretrained` reads the graph.
 """
 
 import shutil
@@ -25,7 +28,7 @@ from transformers.exporters import OnnxConfig, OnnxExporter
 
 from .configuration_ramanujan import RamanujanConfig
 from .export import ExportError, random_batch
-from .modeling_ramanujan import RamanujanForCausalLM
+from .modeling_ramanujan import CACHE_NAME, RamanujanForCausalLM
 
 ONNX_FILE = "model.onnx"
 # Written beside the graph when the checkpoint has them: the tokenizer (whatever kind saved it) and generation defaults.
@@ -67,7 +70,7 @@ def trace_inputs(config: RamanujanConfig, with_past: bool, generator: torch.Gene
         "input_ids": torch.randint(config.vocab_size, (batch, new_tokens), generator=generator),
         "attention_mask": torch.ones(batch, past_length + new_tokens, dtype=torch.long),
         "position_ids": torch.arange(past_length, past_length + new_tokens).expand(batch, -1),
-        "past_key_values": cache,
+        CACHE_NAME: cache,  # the same name as the output's cache field: the exporter pairs input and output by name
         "use_cache": True,
     }
 
@@ -101,7 +104,7 @@ def onnx_forward(session, config: RamanujanConfig, input_ids, attention_mask, pa
     if "position_ids" in input_names:
         feed["position_ids"] = generation_positions(attention_mask)[:, -input_ids.shape[1] :]
         empty = torch.zeros(input_ids.shape[0], config.num_key_value_heads, 0, config.head_dim)
-        feed.update(past or {name: empty for name in input_names if name.startswith("input.past_key_values.")})
+        feed.update(past or {name: empty for name in input_names if name.startswith(f"input.{CACHE_NAME}.")})
     outputs = session.run(None, {name: tensor.numpy() for name, tensor in feed.items()})
     named = {spec.name: torch.from_numpy(value) for spec, value in zip(session.get_outputs(), outputs)}
     logits = named.pop("logits")

@@ -8,6 +8,7 @@ from conftest import tiny_config, tiny_moe_config
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export, export_onnx
+from acx_ramanujan.modeling_ramanujan import CACHE_NAME
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -85,6 +86,13 @@ def test_moe_with_past_generates_like_generate(tmp_path, capsys):
     output_dir = tmp_path / "onnx"
     assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir), "--with_past"]) == 0
     assert "same as generate()" in capsys.readouterr().out
+    # Cache inputs and outputs pair up by name (what ExportedModel and the README's ONNX Runtime loop rely on).
+    session = onnxruntime.InferenceSession(str(output_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    layer_names = [f"{CACHE_NAME}.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in ("keys", "values")]
+    assert [spec.name for spec in session.get_inputs()] == [
+        "input_ids", "attention_mask", "position_ids", *(f"input.{name}" for name in layer_names)
+    ]
+    assert [spec.name for spec in session.get_outputs()] == ["logits", *(f"output.{name}" for name in layer_names)]
 
     # Reference: eager attention and eager (sorted, per-expert loop) experts; the export traced sdpa and grouped_mm.
     model = RamanujanForCausalLM.from_pretrained(
@@ -108,9 +116,9 @@ def test_moe_with_past_generates_like_generate(tmp_path, capsys):
     input_ids, tokens, step_logits = prompt, [], []
     for _ in range(new_tokens):
         out = exported(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **{CACHE_NAME: cache}
         )
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_NAME)
         step_logits.append(out.logits[:, -1])
         input_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(input_ids)
