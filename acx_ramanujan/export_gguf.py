@@ -170,7 +170,12 @@ def write_vocabulary(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def check_vocabulary(tokenizer: PreTrainedTokenizerFast) -> None:
+def check_vocabulary(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> None:
+    if len(tokenizer) != vocab_size:
+        raise GgufError(
+            f"the tokenizer has {len(tokenizer)} tokens and the model vocab_size {vocab_size}: llama.cpp needs one "
+            "token per embedding row"
+        )
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE" or (backend["pre_tokenizer"] or {}).get("type") != "ByteLevel":
         raise GgufError("the tokenizer is not a byte-level BPE, the only kind this GGUF export writes")
@@ -181,7 +186,7 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerFast) -> None:
 def export_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, outtype: str, directory: Path) -> Path:
     """Write `model-{outtype}.gguf` into `directory`. `model` is the Llama / Mixtral from `export_llama`."""
     check_representable(model.config)
-    check_vocabulary(tokenizer)
+    check_vocabulary(tokenizer, model.config.vocab_size)
     file_type, quantization = OUTTYPES[outtype]
     path = directory / GGUF_FILE.format(outtype=outtype)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])

@@ -70,6 +70,7 @@ def test_file_holds_the_llama_architecture_and_the_byte_vocabulary(tmp_path):
     [
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
         (dict(num_experts=4, num_shared_experts=1), "num_shared_experts=1 has no exact in-library equivalent"),
+        (dict(vocab_size=320), "the tokenizer has 259 tokens and the model vocab_size 320"),
     ],
 )
 def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, capsys, overrides, message):

@@ -35,15 +35,6 @@ print(json.dumps({{"class": type(model).__name__, "tokenizer": type(tokenizer)._
 """
 
 
-def left_padded(batch, length, pad_token_id, seed):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, 256, (batch, length), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :4] = 0
-    input_ids[attention_mask == 0] = pad_token_id
-    return input_ids, attention_mask
-
-
 def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
     """Export a random model of `config`; load the export in a package-free process. Returns (model, child's results)."""
     checkpoint = tmp_path / "checkpoint"
@@ -54,7 +45,7 @@ def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
     output_dir = tmp_path / "llama"
     assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 0
 
-    input_ids, attention_mask = left_padded(3, 19, config.pad_token_id, seed=4)
+    input_ids, attention_mask = export.random_batch(config, 3, 19, torch.Generator().manual_seed(4))  # left-padded
     inputs = json.dumps({"ids": input_ids.tolist(), "mask": attention_mask.tolist(), "texts": TEXTS})
     code = CHILD.format(directory=str(output_dir), inputs=inputs, new_tokens=NEW_TOKENS)
     child = json.loads(run_without_package(code, cwd=tmp_path).stdout.splitlines()[-1])
