@@ -2,6 +2,8 @@
 import our package (no remote code), and gives our logits and greedy tokens; its tokenizer is ours."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +143,14 @@ def test_moe_without_an_exact_transformers_class_is_refused(tmp_path, capsys, ov
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"acx-rt export: --format llama: {field} has no exact in-library equivalent")
     assert not output_dir.exists()
+
+
+def test_llama_format_needs_none_of_the_export_extra():
+    """`export` and `export_llama` import no ONNX or GGUF package: `--format llama` works without the [export] extra."""
+    code = (
+        "import sys, acx_ramanujan.export, acx_ramanujan.export_llama\n"
+        "extra = ('onnx', 'onnxruntime', 'onnxscript', 'gguf')\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & set(extra)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
