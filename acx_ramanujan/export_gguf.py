@@ -27,6 +27,7 @@ from transformers import MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from .export import ExportError
 from .export_llama import UnrepresentableError, fast_tokenizer, to_transformers_model
+from .saved_files import first_line
 
 OUTTYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, None),
@@ -220,7 +221,10 @@ def verify(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
     """llama.cpp's tokens, logits and greedy tokens against ours; f32 and f16 must agree, q8_0 is reported."""
     if importlib.util.find_spec("llama_cpp") is None:
         return ["not run in llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python)"]
-    prompts, logits, generated = llama_cpp_run(path, VERIFY_TEXTS, GENERATE_TOKENS)
+    try:
+        prompts, logits, generated = llama_cpp_run(path, VERIFY_TEXTS, GENERATE_TOKENS)
+    except (ValueError, RuntimeError) as error:  # llama-cpp-python's "Failed to load model from file", and the like
+        raise ExportError(f"llama.cpp cannot run the written file: {first_line(error)}") from error
     expected_prompts = [tokenizer(text).input_ids for text in VERIFY_TEXTS]
     if prompts != expected_prompts:
         raise ExportError(f"llama.cpp tokenizes {VERIFY_TEXTS} as {prompts}, the tokenizer as {expected_prompts}")

@@ -112,6 +112,8 @@ def ours(checkpoint, prompts):
         ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "f16", 2e-2),
         ("tied_llama3_mqa", tiny_config(tie_word_embeddings=True, num_key_value_heads=1, head_dim=16,
                                         attention_scale_alpha=0.8, rope_parameters=LLAMA3_ROPE), "f16", 2e-2),
+        ("linear_rope", tiny_config(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0}),
+         "f32", 1e-3),
         ("moe_as_mixtral", tiny_moe_config(attention_scale_alpha=0.5), "f32", 1e-3),
         ("bpe_tokenizer", None, "f32", 1e-3),
         ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "q8_0", None),
