@@ -26,7 +26,7 @@ import torch
 from transformers import MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from .export import ExportError
-from .export_llama import UnrepresentableError, fast_tokenizer, to_transformers_model
+from .export_llama import UnrepresentableError, fast_tokenizer, pairs_adjacent, to_transformers_model
 from .saved_files import first_line
 
 OUTTYPES = {
@@ -51,6 +51,11 @@ class GgufError(ValueError):
 
 
 def check_representable(config) -> None:
+    if config.model_type not in ("llama", "mixtral"):
+        raise GgufError(
+            f"the model maps to {config.architectures[0]} (shared experts or leading dense layers); the GGUF export "
+            "writes llama.cpp's llama architecture, dense or Mixtral-style MoE only (export --format llama keeps it)"
+        )
     rope_type = config.rope_parameters.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise GgufError(
@@ -70,12 +75,6 @@ def rope_factors(model: PreTrainedModel) -> np.ndarray | None:
     if torch.allclose(factors, torch.ones_like(factors), rtol=0, atol=1e-6):
         return None
     return factors.float().numpy()
-
-
-def pairs_adjacent(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of each head reordered from (i, i + d/2) rotary pairs to (2i, 2i + 1)."""
-    rows, columns = weight.shape
-    return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
 def gguf_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """`acx-rt export --format llama`: a Ramanujan checkpoint as a standard Transformers checkpoint (no remote code).
 
-Dense models become `LlamaForCausalLM`; MoE models become `MixtralForCausalLM`. The architectures are the same
-up to one thing: our attention scale per layer l is 1/(√head_dim·(1 + α·e^(−λ·l))) (the seed's temperature),
+Dense models become `LlamaForCausalLM`; MoE models `MixtralForCausalLM` or, with shared experts or leading dense
+layers, `Ernie4_5_MoeForCausalLM`. The architectures are the same up to one thing: our attention scale per layer l is 1/(√head_dim·(1 + α·e^(−λ·l))) (the seed's temperature),
 Llama's is 1/√head_dim. The factor 1/(1 + α·e^(−λ·l)) is folded into that layer's `q_proj` rows: RoPE rotates q
 after `q_proj`, a rotation commutes with a scalar, so q·k comes out scaled exactly as ours.
 
@@ -9,10 +9,15 @@ What maps where (anything else is refused, naming the field):
 
 - dense (num_experts = 0): Llama, with any head (tied or not), GQA, head_dim and rope type (both models compute
   RoPE from the same `rope_parameters` through Transformers' registry).
-- MoE: Mixtral (softmax over the router logits, top-k, renormalized: our `norm_topk_prob=True`), only without
-  shared experts and without leading dense layers. Transformers 5.24 has no class with Llama's attention that also
-  has those: Qwen2-MoE gates its shared expert with a sigmoid, Qwen3-MoE (which has `norm_topk_prob` and
-  `mlp_only_layers`) normalizes q and k per head, DeepSeek-V3 uses latent attention and sigmoid routing.
+- MoE with `norm_topk_prob=True` (softmax over the router logits, top-k, renormalized):
+  - without shared experts and leading dense layers: Mixtral, the same routing.
+  - otherwise: ERNIE 4.5 MoE, whose shared experts are ours (one ungated SwiGLU of moe_intermediate_size × count,
+    added) and whose `moe_layer_start_index` is our `first_k_dense_layers`. It routes as we do (its score-correction
+    bias, zero, only breaks top-k ties) and rotates adjacent pairs (2i, 2i+1) where Llama rotates (i, i + d/2), so
+    each head's q and k rows are reordered to match: the same dot products, exactly.
+- MoE with `norm_topk_prob=False`: refused. Transformers 5.24's classes that can skip the renormalization
+  (Qwen3-MoE, OLMoE) normalize q and k per head; Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses
+  latent attention and sigmoid routing.
 
 The tokenizer goes as a `tokenizer.json` that `PreTrainedTokenizerFast` loads: the checkpoint's own (a BPE from
 `acx-rt tokenizer train`), or, for the byte tokenizer, the same 256 bytes + 3 specials as a merge-free byte-level
@@ -26,6 +31,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -42,7 +49,7 @@ from .modeling_ramanujan import RamanujanForCausalLM
 from .saved_files import read_json_object
 from .tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
 
-# Fields every exported config carries over unchanged (the names are Llama's and Mixtral's too).
+# Fields every exported config carries over unchanged (the names are Llama's, Mixtral's and ERNIE's too).
 SHARED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "hidden_act", "max_position_embeddings", "rope_parameters", "rms_norm_eps", "tie_word_embeddings",
@@ -58,33 +65,45 @@ class UnrepresentableError(ValueError):
     """The checkpoint has a feature no in-library Transformers class represents exactly."""
 
 
-def target_config(config: RamanujanConfig) -> LlamaConfig | MixtralConfig:
-    """The Llama (dense) or Mixtral (MoE) config of the same shapes; UnrepresentableError names what cannot map."""
+def target_config(config: RamanujanConfig) -> LlamaConfig | MixtralConfig | Ernie4_5_MoeConfig:
+    """The Llama / Mixtral / ERNIE 4.5 MoE config of the same shapes; UnrepresentableError names what cannot map."""
     shared = {name: getattr(config, name) for name in SHARED_FIELDS}
     if not config.is_moe:
         return LlamaConfig(**shared, intermediate_size=config.intermediate_size, attention_bias=False, mlp_bias=False)
-    refusals = {
-        "num_shared_experts": (config.num_shared_experts != 0, "Mixtral has no shared experts (Qwen2-MoE's shared "
-                               "expert has a sigmoid gate, DeepSeek-V3 uses latent attention)"),
-        "first_k_dense_layers": (config.first_k_dense_layers != 0, "Mixtral has experts in every layer (Qwen3-MoE's "
-                                 "mlp_only_layers come with per-head q/k norms, which ours lacks)"),
-        "norm_topk_prob": (not config.norm_topk_prob, "Mixtral always renormalizes the top-k weights (Qwen3-MoE "
-                           "can skip it but normalizes q and k per head)"),
-    }
-    for field, (refused, reason) in refusals.items():
-        if refused:
-            raise UnrepresentableError(
-                f"{field}={getattr(config, field)} has no exact in-library equivalent: {reason}"
-            )
-    return MixtralConfig(
+    if not config.norm_topk_prob:
+        raise UnrepresentableError(
+            "norm_topk_prob=False has no exact in-library equivalent: Mixtral and ERNIE 4.5 MoE always renormalize the "
+            "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k per head"
+        )
+    if config.num_shared_experts == 0 and config.first_k_dense_layers == 0:
+        return MixtralConfig(
+            **shared,
+            intermediate_size=config.moe_intermediate_size,
+            num_local_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
+    return Ernie4_5_MoeConfig(
         **shared,
-        intermediate_size=config.moe_intermediate_size,
-        num_local_experts=config.num_experts,
-        num_experts_per_tok=config.num_experts_per_tok,
-        sliding_window=None,
-        router_jitter_noise=0.0,
+        intermediate_size=config.intermediate_size,
+        use_bias=False,
+        moe_intermediate_size=config.moe_intermediate_size,
+        moe_k=config.num_experts_per_tok,
+        moe_num_experts=config.num_experts,
+        moe_num_shared_experts=config.num_shared_experts,
+        moe_layer_start_index=config.first_k_dense_layers,
+        moe_layer_end_index=config.num_hidden_layers - 1,
+        moe_layer_interval=1,
         output_router_logits=False,
     )
+
+
+def pairs_adjacent(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head reordered from (i, i + d/2) rotary pairs to (2i, 2i + 1) (ERNIE's and llama.cpp's layout)."""
+    rows, columns = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
 def query_factors(config: RamanujanConfig) -> list[float]:
@@ -96,26 +115,37 @@ def query_factors(config: RamanujanConfig) -> list[float]:
     ]
 
 
-def converted_state_dict(model: RamanujanForCausalLM) -> dict[str, torch.Tensor]:
-    """Our weights under Llama's / Mixtral's names, q_proj scaled by `query_factors`.
+def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch.Tensor]:
+    """Our weights under the `target` config's names, q_proj scaled by `query_factors`.
 
-    Our names are Llama's already; only the MoE router is Mixtral's `mlp.gate` (the fused expert weights share
-    Mixtral's layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)).
+    Our names are Llama's already; only the MoE router is Mixtral's and ERNIE's `mlp.gate` (the fused expert weights
+    share their layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)). For ERNIE, q and k rows are
+    reordered to its rotary layout and the router's score-correction bias is zero.
     """
+    config = model.config
+    ernie = isinstance(target, Ernie4_5_MoeConfig)
     state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in model.state_dict().items()}
-    for layer, factor in enumerate(query_factors(model.config)):
-        name = f"model.layers.{layer}.self_attn.q_proj.weight"
-        state[name] = state[name] * factor
+    for layer, factor in enumerate(query_factors(config)):
+        attention = f"model.layers.{layer}.self_attn."
+        state[attention + "q_proj.weight"] = state[attention + "q_proj.weight"] * factor
+        if ernie:
+            for name, heads in (("q_proj.weight", config.num_attention_heads), ("k_proj.weight", config.num_key_value_heads)):
+                state[attention + name] = pairs_adjacent(state[attention + name], heads)
+            if config.is_moe_layer(layer):
+                bias = torch.zeros(1, config.num_experts, dtype=torch.float32)
+                state[f"model.layers.{layer}.mlp.gate.moe_statics.e_score_correction_bias"] = bias
     return state
 
 
 def to_transformers_model(model: RamanujanForCausalLM) -> PreTrainedModel:
-    """A LlamaForCausalLM / MixtralForCausalLM holding our weights (same dtype), in eval mode."""
+    """A LlamaForCausalLM / MixtralForCausalLM / Ernie4_5_MoeForCausalLM holding our weights (same dtype), in eval mode."""
     config = target_config(model.config)
-    target_class = MixtralForCausalLM if isinstance(config, MixtralConfig) else LlamaForCausalLM
+    target_class = {MixtralConfig: MixtralForCausalLM, Ernie4_5_MoeConfig: Ernie4_5_MoeForCausalLM}.get(
+        type(config), LlamaForCausalLM
+    )
     with torch.device("meta"):
         target = target_class(config)
-    target.load_state_dict(converted_state_dict(model), strict=True, assign=True)
+    target.load_state_dict(converted_state_dict(model, config), strict=True, assign=True)
     target.tie_weights()
     target.config.architectures = [target_class.__name__]
     target.generation_config = model.generation_config
@@ -179,7 +209,7 @@ def greedy_tokens(reference: torch.nn.Module, target: torch.nn.Module) -> tuple[
 
 
 def export(model: RamanujanForCausalLM, checkpoint: Path, args, directory: Path) -> tuple[list[str], list[str]]:
-    """Write the Llama / Mixtral checkpoint (config, safetensors, generation config, tokenizer, README.md), load it
+    """Write the Llama / Mixtral / ERNIE checkpoint (config, safetensors, generation config, tokenizer, README.md), load it
     back with Transformers' class and compare: (written files, report lines)."""
     try:
         target = to_transformers_model(model)

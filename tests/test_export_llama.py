@@ -76,17 +76,21 @@ def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
         )),
         ("moe_as_mixtral", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, attention_scale_alpha=0.5)),
+        ("moe_shared_and_dense_as_ernie", dict(
+            num_experts=4, num_shared_experts=2, first_k_dense_layers=1, num_hidden_layers=3, attention_scale_alpha=0.5,
+        )),
     ],
 )
 def test_loads_as_a_transformers_class_without_our_package(tmp_path, name, overrides):
     config = tiny_moe_config(**overrides) if "num_experts" in overrides else tiny_config(**overrides)
     _, child = export_and_load_elsewhere(tmp_path, config)
-    assert child["class"] == ("MixtralForCausalLM" if config.is_moe else "LlamaForCausalLM")
+    expected_class = {"moe_as_mixtral": "MixtralForCausalLM", "moe_shared_and_dense_as_ernie": "Ernie4_5_MoeForCausalLM"}
+    assert child["class"] == expected_class.get(name, "LlamaForCausalLM")
     assert child["logit_difference"] < 1e-5
     assert child["same_greedy"]
 
     written = json.loads((child["output_dir"] / "config.json").read_text())
-    assert written["model_type"] == ("mixtral" if config.is_moe else "llama") and "auto_map" not in written
+    assert written["architectures"] == [child["class"]] and "auto_map" not in written
     assert not list(child["output_dir"].glob("*.py"))
     assert (child["output_dir"] / "README.md").read_text().startswith("---\n")
 
@@ -130,9 +134,8 @@ def test_trained_bpe_tokenizer_is_carried_over(tmp_path):
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (dict(num_shared_experts=1), "num_shared_experts=1"),
-        (dict(first_k_dense_layers=1), "first_k_dense_layers=1"),
         (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+        (dict(norm_topk_prob=False, num_shared_experts=1), "norm_topk_prob=False"),
     ],
 )
 def test_moe_without_an_exact_transformers_class_is_refused(tmp_path, capsys, overrides, field):
