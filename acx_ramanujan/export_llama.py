@@ -16,7 +16,7 @@ What maps where (anything else is refused, naming the field):
     bias, zero, only breaks top-k ties) and rotates adjacent pairs (2i, 2i+1) where Llama rotates (i, i + d/2), so
     each head's q and k rows are reordered to match: the same dot products, exactly.
 - MoE with `norm_topk_prob=False`: refused. Transformers 5.24's classes that can skip the renormalization
-  (Qwen3-MoE, OLMoE) normalize q and k per head; Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses
+  (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms; Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses
   latent attention and sigmoid routing.
 
 The tokenizer goes as a `tokenizer.json` that `PreTrainedTokenizerFast` loads: the checkpoint's own (a BPE from
@@ -73,7 +73,7 @@ def target_config(config: RamanujanConfig) -> LlamaConfig | MixtralConfig | Erni
     if not config.norm_topk_prob:
         raise UnrepresentableError(
             "norm_topk_prob=False has no exact in-library equivalent: Mixtral and ERNIE 4.5 MoE always renormalize the "
-            "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k per head"
+            "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms"
         )
     if config.num_shared_experts == 0 and config.first_k_dense_layers == 0:
         return MixtralConfig(
