@@ -27,6 +27,19 @@ SEED_ATTENTION_SCALE_ALPHA = 0.3
 MOE_LOSS_FIELDS = {"router_aux_loss_coef": (float, 0.01), "router_z_loss_coef": (float, 0.001),
                    "output_router_logits": (bool, False)}
 
+# Tensor-parallel rules by module path under the base model, grouped by the module that a config may or may not build.
+TP_PLANS = {
+    "attention": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+                  "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"},
+    "mlp": {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"},
+    "experts": {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+                "layers.*.mlp.experts": "moe_tp_experts"},
+    "shared_experts": {"layers.*.mlp.shared_experts.gate_proj": "colwise", "layers.*.mlp.shared_experts.up_proj": "colwise",
+                       "layers.*.mlp.shared_experts.down_proj": "rowwise"},
+}
+EP_PLAN = {"layers.*.mlp.experts.gate_up_proj": "grouped_gemm", "layers.*.mlp.experts.down_proj": "grouped_gemm",
+           "layers.*.mlp.experts": "ep_dispatch_experts"}
+
 # The range of each float field, checked after it is known to be finite: (what the range is, test).
 FLOAT_RANGES = {
     "rms_norm_eps": ("> 0", lambda value: value > 0),
@@ -59,34 +72,10 @@ class RamanujanConfig(PreTrainedConfig):
     model_type = "ramanujan"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
     default_theta = 10000.0
-    # Tensor-, pipeline- and expert-parallel plans, by module path under the base model: Llama's for attention and
-    # the dense MLP, Qwen3-MoE's for the fused experts. The tied head is split by vocabulary rows ("colwise" on
-    # lm_head), so the embedding it is tied to is split the same way.
-    base_model_tp_plan = {
-        "embed_tokens": "embedding_rowwise",
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.experts.down_proj": "rowwise",
-        "layers.*.mlp.experts": "moe_tp_experts",
-        "layers.*.mlp.shared_experts.gate_proj": "colwise",
-        "layers.*.mlp.shared_experts.up_proj": "colwise",
-        "layers.*.mlp.shared_experts.down_proj": "rowwise",
-    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
         "norm": (["hidden_states"], ["hidden_states"]),
-    }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
     }
 
     vocab_size: int = 259
@@ -213,7 +202,6 @@ class RamanujanConfig(PreTrainedConfig):
             if value is not None and value not in INIT_SCHEMES:
                 raise ValueError(f"{name} {value!r} is unknown; valid: None or one of {', '.join(INIT_SCHEMES)}")
         self._check_rope_parameters()
-        self._check_token_ids()
 
     def _check_float_ranges(self):
         """Every float field finite (NaN and inf are refused) and within its range."""
@@ -236,8 +224,12 @@ class RamanujanConfig(PreTrainedConfig):
         if not _is_instance(theta, float) or not math.isfinite(theta) or theta <= 0:
             raise ValueError(f"rope_parameters: rope_theta must be a finite number > 0, got {theta!r}")
 
-    def _check_token_ids(self):
-        """Special token ids must be ids the embedding has (an out-of-range pad id fails deep inside nn.Embedding)."""
+    def check_special_token_ids(self):
+        """Special token ids must be ids the embedding has (an out-of-range pad id fails deep inside nn.Embedding).
+
+        Checked when a model is built, not when the config is: code that edits a config (Transformers' own tests
+        shrink the vocabulary, then set the ids) may pass through a state where the defaults do not fit yet.
+        """
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             for token_id in value if isinstance(value, list) else [value]:
@@ -251,6 +243,25 @@ class RamanujanConfig(PreTrainedConfig):
     def is_moe_layer(self, layer_idx: int) -> bool:
         """The first `first_k_dense_layers` layers stay dense; the rest use experts when num_experts > 0."""
         return self.num_experts > 0 and layer_idx >= self.first_k_dense_layers
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel rules by module path under the base model: Llama's for attention and dense MLPs, Qwen3-MoE's
+        for the fused experts; the embedding is split by vocabulary rows like the head tied to it ("colwise" on
+        lm_head). Only rules for modules this config builds (Transformers' own tests require each to match one)."""
+        plan = {"embed_tokens": "embedding_rowwise", **TP_PLANS["attention"]}
+        if not self.is_moe or self.first_k_dense_layers > 0:
+            plan.update(TP_PLANS["mlp"])
+        if self.is_moe:
+            plan.update(TP_PLANS["experts"])
+        if self.is_moe and self.num_shared_experts > 0:
+            plan.update(TP_PLANS["shared_experts"])
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """Expert-parallel rules (Qwen3-MoE's) for MoE configs; None for dense ones."""
+        return dict(EP_PLAN) if self.is_moe else None
 
     @classmethod
     def from_preset(cls, name_or_path: str, **overrides) -> "RamanujanConfig":

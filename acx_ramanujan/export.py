@@ -23,7 +23,7 @@ import torch
 from .cli import OPTIONAL_PACKAGES
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
-from .saved_files import first_line, read_json_object
+from .saved_files import check_saved_weights, first_line, read_json_object
 
 # format: (module that writes and verifies it, packages of the [export] extra it imports)
 FORMATS = {
@@ -89,6 +89,7 @@ def check_args(args: argparse.Namespace) -> None:
 def load_model(checkpoint: Path) -> RamanujanForCausalLM:
     """float32, with the attention and experts implementations the exporter lowers to plain ONNX ops."""
     try:
+        check_saved_weights(checkpoint)  # damaged or non-finite weights: one line, nothing exported
         model = RamanujanForCausalLM.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
         )

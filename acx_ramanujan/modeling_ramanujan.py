@@ -30,6 +30,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -38,7 +39,7 @@ from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, sch
 
 # Transformers 5.24 renamed the KV cache `past_key_values` → `cache` everywhere at once: `generate()` passes `cache=`,
 # outputs carry `.cache`, `create_causal_mask` and `GradientCheckpointingLayer` read `cache`. Earlier 5.x releases
-# use `past_key_values` in all four places. Our forwards take `cache` and also accept `past_key_values`, silently
+# use `past_key_values` in all four places. Our forwards take `cache` and also accept `past_key_values`
 # (`accepts_past_key_values`); CACHE_NAME is the installed release's name, used wherever we hand the cache to
 # Transformers. Reading `output.past_key_values` on 5.24 logs a deprecation warning, so code that must run on both
 # reads `getattr(output, CACHE_NAME)`.
@@ -46,7 +47,13 @@ CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ e
 
 
 def accepts_past_key_values(forward: Callable) -> Callable:
-    """Let a `forward(..., cache=...)` also be called with `past_key_values=` (what releases before 5.24 pass)."""
+    """Let a `forward(..., cache=...)` also be called with `past_key_values=`, as Llama is on the installed release.
+
+    Where `cache` is the release's name, through the `deprecate_kwarg` Llama uses (its FutureWarning included); on
+    earlier releases silently, since their own `generate()` passes `past_key_values`.
+    """
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
@@ -360,6 +367,16 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         "attentions": RamanujanAttention,
     }
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also name every head we ship in config.json's `auto_map`.
+
+        Transformers writes only the saving class there, so a checkpoint saved from the causal LM could not be loaded
+        through `trust_remote_code` as a classifier or a base model (the package registers these Auto classes).
+        """
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_code_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
 
@@ -427,25 +444,34 @@ def check_inputs(
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    name, tokens, rank = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
-    if tokens.ndim != rank:
-        raise ValueError(f"{name} must have {rank} dimensions (batch, sequence{', hidden' if rank == 3 else ''}), got shape {tuple(tokens.shape)}")
-    if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool):
+    name, tokens, axes = (
+        ("input_ids", input_ids, "(batch, sequence)")
+        if input_ids is not None
+        else ("inputs_embeds", inputs_embeds, "(batch, sequence, hidden)")
+    )
+    if tokens.ndim != axes.count(",") + 1:
+        raise ValueError(f"{name} must have the axes {axes}, got shape {tuple(tokens.shape)}")
+    if input_ids is not None and not holds_integers(input_ids):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     batch, length = tokens.shape[:2]
     if batch == 0 or length == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of at least one token")
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of one token")
     if attention_mask is not None and attention_mask.ndim == 2:  # a 4-D mask is taken as prepared by the caller
         cached = cache.get_seq_length() if cache is not None else 0
         # A static cache reports its length as a tensor: comparing it would read it back, so only its batch is checked.
         expected = (batch, cached + length) if isinstance(cached, int) else (batch, attention_mask.shape[1])
         if tuple(attention_mask.shape) != expected:
+            after_cache = f" after {cached} cached tokens" if cached else ""
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape {tuple(tokens.shape)}"
-                f"{f' after {cached} cached tokens' if cached else ''}: the mask must be (batch, cached + new tokens) = {expected}"
+                f"{after_cache}: the mask must be (batch, cached + new tokens) = {expected}"
             )
     if input_ids is not None:
         check_ids_in_range(input_ids, vocab_size, "token id", cache)
+
+
+def holds_integers(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def check_ids_in_range(
@@ -481,6 +507,7 @@ class RamanujanModel(RamanujanPreTrainedModel):
 
     def __init__(self, config: RamanujanConfig):
         super().__init__(config)
+        config.check_special_token_ids()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -592,16 +619,17 @@ class RamanujanCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 def check_labels(labels: torch.Tensor, tokens: torch.Tensor, vocab_size: int, cache: Cache | None) -> None:
-    """Labels must be integer ids shaped like the input, each a vocabulary id or -100 (ignored): one ValueError if not."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    """Labels: integer ids shaped like the input, each a vocabulary id or -100 (ignored); one ValueError if not."""
+    if not holds_integers(labels):
         raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(tokens.shape[:2]):
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but the input has (batch, sequence) = {tuple(tokens.shape[:2])}")
+        expected = tuple(tokens.shape[:2])
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the input has (batch, sequence) = {expected}")
     check_ids_in_range(labels, vocab_size, "label", cache, ignore_index=-100)
 
 
 class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
-    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss`, each times its coefficient."""
+    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss`, times their coefs."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -629,12 +657,13 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> "RamanujanCausalLMOutputWithPast":
+    ) -> RamanujanCausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.is_moe and self.config.output_router_logits
         need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)
         if labels is not None:
-            check_labels(labels, input_ids if input_ids is not None else inputs_embeds, self.lm_head.out_features, cache)
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            check_labels(labels, tokens, self.lm_head.out_features, cache)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -678,6 +707,8 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
 RamanujanForCausalLM.forward.__signature__ = inspect.signature(RamanujanForCausalLM.forward)
 
 
+# Not Transformers' `GenericForSequenceClassification`: its __init__ builds the decoder with `AutoModel.from_config`,
+# which under remote code has no `trust_remote_code` to pass and raises (checked on 5.23.0 and 5.24.0).
 class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
     """Decoder + linear score head on the last non-pad token (Llama's pooling; works with left or right padding)."""
 
@@ -733,6 +764,16 @@ class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+def remote_code_auto_map() -> dict[str, str]:
+    """`auto_map` entries of the model heads, as "modeling_ramanujan.ClassName" (the file save_pretrained copies)."""
+    heads = {
+        "AutoModel": RamanujanModel,
+        "AutoModelForCausalLM": RamanujanForCausalLM,
+        "AutoModelForSequenceClassification": RamanujanForSequenceClassification,
+    }
+    return {auto: f"{head.__module__.rsplit('.', 1)[-1]}.{head.__name__}" for auto, head in heads.items()}
 
 
 __all__ = [

@@ -124,8 +124,7 @@ BAD_VALUES = [
     ("rope_parameters", {"rope_type": "default", "rope_theta": float("nan")}),
     ("tie_word_embeddings", "yes"), ("use_cache", 1), ("norm_topk_prob", "true"), ("ramanujan_layer_schedule", 0),
     ("init_scheme", None), ("embedding_init_scheme", 3),
-    ("pad_token_id", 259), ("pad_token_id", -1), ("bos_token_id", 1000), ("eos_token_id", [258, 300]),
-    ("eos_token_id", "258"),
+    ("eos_token_id", "258"), ("pad_token_id", 1.0),
 ]
 
 
@@ -143,6 +142,20 @@ def test_every_field_refuses_bad_types_and_ranges(name, value):
 def test_moe_loss_fields_refuse_bad_values(name, value):
     with pytest.raises(ValueError, match=name):
         RamanujanConfig(num_experts=4, **{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("pad_token_id", 259), ("pad_token_id", -1), ("bos_token_id", 1000),
+                                         ("eos_token_id", [258, 300])])
+def test_special_token_ids_outside_the_vocabulary_are_refused_when_a_model_is_built(name, value):
+    from acx_ramanujan import RamanujanForCausalLM
+
+    config = RamanujanConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
+                             **{name: value})
+    with pytest.raises(ValueError, match=f"{name} .* is outside the vocabulary"):
+        RamanujanForCausalLM(config)
+    # a config may pass through such a state while being edited (Transformers' own tests shrink the vocabulary first)
+    setattr(config, name, 0)
+    RamanujanForCausalLM(config)
 
 
 def test_bad_values_are_refused_from_presets_and_saved_configs(tmp_path):
@@ -172,18 +185,23 @@ def test_router_loss_fields_exist_on_moe_configs_only():
     assert RamanujanConfig.from_preset("tiny", num_experts=4, router_z_loss_coef=0.0).router_z_loss_coef == 0.0
 
 
-def test_parallel_plans_name_real_modules():
-    """Each tensor/expert-parallel key matches a module or parameter of a built dense or MoE model."""
+@pytest.mark.parametrize("extra", [{}, {"num_experts": 4}, {"num_experts": 4, "num_shared_experts": 1},
+                                   {"num_experts": 4, "first_k_dense_layers": 1}])
+def test_parallel_plans_name_only_modules_the_config_builds(extra):
+    """Every tensor/expert-parallel rule matches a module or parameter of this config's model, and every weight matrix
+    of a decoder layer has a rule (what Transformers' test_tp_plan_matches_params checks, per config)."""
     import fnmatch
 
     from acx_ramanujan import RamanujanModel
 
-    names = set()
-    for extra in ({}, {"num_experts": 4, "num_shared_experts": 1}):
-        config = RamanujanConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, **extra)
-        model = RamanujanModel(config)
-        names |= {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
-    plans = {**RamanujanConfig.base_model_tp_plan, **RamanujanConfig.base_model_ep_plan, **RamanujanConfig.base_model_pp_plan}
+    config = RamanujanConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, **extra)
+    model = RamanujanModel(config)
+    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    plans = {**config.base_model_tp_plan, **(config.base_model_ep_plan or {}), **config.base_model_pp_plan}
+    assert (config.base_model_ep_plan is None) == (not config.is_moe)
     for key in plans:
-        pattern = key.replace(".*.", ".[0-9]*.")
-        assert any(fnmatch.fnmatch(name, pattern) for name in names), key
+        assert any(fnmatch.fnmatch(name, key.replace(".*.", ".[0-9]*.")) for name in names), key
+    layer_weights = {name for name in names if name.startswith("layers.") and name.endswith(("proj.weight", "proj"))}
+    for name in layer_weights:
+        assert any(fnmatch.fnmatch(name.removesuffix(".weight"), key.replace(".*.", ".[0-9]*."))
+                   for key in config.base_model_tp_plan), name

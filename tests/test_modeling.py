@@ -61,25 +61,36 @@ def test_llama_module_names():
         assert expected in names, expected
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_parallel_plans_name_modules_that_exist(tied):
-    """Every tensor-, expert- and pipeline-parallel rule names a module or parameter of a built model (one with a dense
-    layer, experts and shared experts, so every rule has something to match) and a style Transformers knows."""
+PLAN_SHAPES = {  # each config's plans may name only modules that config builds
+    "dense": ("dense", {}),
+    "dense-tied": ("dense", {"tie_word_embeddings": True}),
+    "moe": ("moe", {}),
+    "moe-shared-dense-first": ("moe", {"num_shared_experts": 1, "first_k_dense_layers": 1}),
+}
+
+
+@pytest.mark.parametrize("shape", PLAN_SHAPES)
+def test_parallel_plans_name_modules_that_exist(shape):
+    """Every tensor-, expert- and pipeline-parallel rule names a module or parameter of the built model and a style
+    Transformers knows; the embedding is split like the head it may be tied to; experts get an expert plan."""
     import re
 
     from transformers.distributed import expert_parallel, tensor_parallel  # noqa: F401  (they register the styles)
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
-    model = build("moe", num_shared_experts=1, first_k_dense_layers=1, tie_word_embeddings=tied)
-    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    plans = {"tp": model.tp_plan, "ep": model.ep_plan, "pp": model.pp_plan}
-    assert "model.embed_tokens" in plans["tp"] and "lm_head" in plans["tp"] and "model.layers.*.mlp.experts" in plans["ep"]
-    for kind, plan in plans.items():
+    kind, overrides = PLAN_SHAPES[shape]
+    model = build(kind, **overrides)
+    names = {name for name, _ in model.named_modules()}
+    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    plans = {"tp": model.tp_plan, "ep": model.ep_plan or {}, "pp": model.pp_plan}
+    assert plans["tp"]["model.embed_tokens"] == "embedding_rowwise" and "lm_head" in plans["tp"]
+    assert ("model.layers.*.mlp.experts" in plans["ep"]) == (kind == "moe")
+    for plan_kind, plan in plans.items():
         for key, style in plan.items():
             pattern = re.compile(re.escape(key).replace(r"\*", r"\d+"))
-            assert any(pattern.fullmatch(name) for name in names), f"{kind} plan rule {key!r} matches no module"
-            if kind != "pp":
-                assert style in ALL_PARALLEL_STYLES, f"{kind} plan style {style!r} of {key!r} is unknown"
+            assert any(pattern.fullmatch(name) for name in names), f"{plan_kind} plan rule {key!r} matches no module"
+            if plan_kind != "pp":
+                assert style in ALL_PARALLEL_STYLES, f"{plan_kind} plan style {style!r} of {key!r} is unknown"
     layer_inputs = plans["pp"]["model.layers"][0]
     assert set(layer_inputs) <= set(inspect.signature(model.model.layers[0].forward).parameters)
 
@@ -164,13 +175,8 @@ def test_cached_and_uncached_greedy_generation_match(kind, attention):
     assert torch.equal(sequence, cached[:1])
 
 
-@pytest.mark.parametrize("name", ["cache", "past_key_values"])
-def test_cache_is_taken_under_both_names_without_deprecation_warnings(name):
-    """Transformers 5.24 passes the KV cache as `cache=`, earlier 5.x releases as `past_key_values=`: both must extend
-    the cache (same logits as one full pass), and neither may warn from our code (FutureWarning or logger)."""
-    model = build()
-    ids = random_ids(2, 7)
-    full = model(ids).logits
+def deprecation_messages(call) -> list[str]:
+    """The FutureWarnings and Transformers log records mentioning deprecation that `call()` emits."""
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -178,17 +184,38 @@ def test_cache_is_taken_under_both_names_without_deprecation_warnings(name):
     transformers_logger.addHandler(handler)
     logging.Logger.warning_once.cache_clear()  # Transformers warns once per process; start afresh
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)
-            prefix = model(ids[:, :4], use_cache=True)
-            cache = getattr(prefix, CACHE_NAME)
-            step = model(ids[:, 4:], **{name: cache})
-            generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=256)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FutureWarning)
+            call()
     finally:
         transformers_logger.removeHandler(handler)
-    torch.testing.assert_close(step.logits, full[:, 4:], rtol=1e-4, atol=1e-5)
-    assert cache.get_seq_length() == 7 and generated.shape == (2, 10)
-    assert not [r for r in records if "deprecated" in r.getMessage()], [r.getMessage() for r in records]
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    return messages + [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_is_taken_under_both_names_and_warns_as_llama_does(name):
+    """Transformers 5.24 passes the KV cache as `cache=`, earlier 5.x releases as `past_key_values=`: both names extend
+    the cache (same logits as one full pass). generate() warns about nothing on any release; an explicit
+    `past_key_values=` warns exactly when Llama on the installed release warns (5.24+: it is deprecated there)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = build()
+    ids = random_ids(2, 7)
+    full = model(ids).logits
+    prefix = model(ids[:, :4], use_cache=True)
+    cache = getattr(prefix, CACHE_NAME)
+    steps = []
+    ours = deprecation_messages(lambda: steps.append(model(ids[:, 4:], **{name: cache})))
+    torch.testing.assert_close(steps[0].logits, full[:, 4:], rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 7
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()
+    llama_cache = getattr(llama(ids[:, :4], use_cache=True), CACHE_NAME)
+    llamas = deprecation_messages(lambda: llama(ids[:, 4:], **{name: llama_cache}))
+    assert bool(ours) == bool(llamas), (ours, llamas)
+    assert deprecation_messages(lambda: model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=256)) == []
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -326,6 +353,41 @@ assert torch.equal(model(expected["ids"]).logits, expected["logits"])
     )
 
 
+def test_every_head_loads_by_remote_code_whichever_head_saved(tmp_path):
+    """config.json's auto_map names all heads, so a causal-LM checkpoint loads as a classifier or a base model (and a
+    classifier checkpoint as a causal LM) with trust_remote_code, in a process where our package cannot be imported."""
+    import json
+
+    model = build()
+    lm_dir, classifier_dir = tmp_path / "causal_lm", tmp_path / "classifier"
+    model.save_pretrained(lm_dir)
+    RamanujanForSequenceClassification(tiny_config(num_labels=3)).save_pretrained(classifier_dir)
+    heads = {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    for directory in (lm_dir, classifier_dir):
+        assert set(json.loads((directory / "config.json").read_text())["auto_map"]) == heads
+    ids = random_ids()
+    torch.save({"ids": ids, "hidden": model.model(ids).last_hidden_state}, tmp_path / "expected.pt")
+    run_without_package(
+        f"""
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+torch.set_num_threads(1)
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+classifier = AutoModelForSequenceClassification.from_pretrained({str(lm_dir)!r}, trust_remote_code=True, num_labels=3)
+assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+assert type(classifier).__name__ == "RamanujanForSequenceClassification", type(classifier)
+classifier.eval()
+assert torch.equal(classifier.model(expected["ids"]).last_hidden_state, expected["hidden"])
+assert classifier(expected["ids"]).logits.shape == (2, 3)
+base = AutoModel.from_pretrained({str(lm_dir)!r}, trust_remote_code=True).eval()
+assert torch.equal(base(expected["ids"]).last_hidden_state, expected["hidden"])
+causal_lm = AutoModelForCausalLM.from_pretrained({str(classifier_dir)!r}, trust_remote_code=True)
+assert type(causal_lm).__name__ == "RamanujanForCausalLM", type(causal_lm)
+""",
+        cwd=tmp_path,
+    )
+
+
 def test_sequence_classification_pools_last_non_pad_token():
     torch.manual_seed(0)
     model = RamanujanForSequenceClassification(tiny_config(num_labels=3)).eval()
@@ -447,27 +509,32 @@ def test_moe_all_padding_batch_gives_a_finite_loss():
 # ---------------------------------------------------------------- bad input through the Python API
 
 
-@pytest.mark.parametrize(
-    "call, message",
-    [
-        (lambda m, ids: m(ids, attention_mask=torch.ones(2, 5, dtype=torch.long)), r"attention_mask has shape \(2, 5\).*\(2, 7\)"),
-        (lambda m, ids: m(ids, attention_mask=torch.ones(1, 7, dtype=torch.long)), r"attention_mask has shape \(1, 7\)"),
-        (lambda m, ids: m(ids[:0]), r"input_ids is empty \(shape \(0, 7\)\)"),
-        (lambda m, ids: m(ids[:, :0]), r"input_ids is empty \(shape \(2, 0\)\)"),
-        (lambda m, ids: m(ids.float()), r"input_ids must hold integer token ids, got dtype torch.float32"),
-        (lambda m, ids: m(ids[0]), r"input_ids must have 2 dimensions"),
-        (lambda m, ids: m(ids, labels=torch.full_like(ids, 259)), r"label 259 is outside the vocabulary .*or -100 to ignore"),
-        (lambda m, ids: m(ids, labels=torch.full_like(ids, -5)), r"label -5 is outside the vocabulary"),
-        (lambda m, ids: m(ids, labels=ids.float()), r"labels must hold integer token ids"),
-        (lambda m, ids: m(ids, labels=ids[:, :3]), r"labels have shape \(2, 3\)"),
-    ],
-    ids=["mask-length", "mask-batch", "empty-batch", "empty-prompt", "float-ids", "1d-ids", "label-high",
-         "label-negative", "float-labels", "label-shape"],
-)
-def test_bad_python_input_is_one_clear_value_error(call, message):
-    model = build()
+# name: (forward's arguments, built from good ids of shape (2, 7); the error message expected)
+BAD_INPUTS = {
+    "mask-length": (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(2, 5, dtype=torch.long)),
+                    r"attention_mask has shape \(2, 5\).*\(2, 7\)"),
+    "mask-batch": (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(1, 7, dtype=torch.long)),
+                   r"attention_mask has shape \(1, 7\)"),
+    "empty-batch": (lambda ids: dict(input_ids=ids[:0]), r"input_ids is empty \(shape \(0, 7\)\)"),
+    "empty-prompt": (lambda ids: dict(input_ids=ids[:, :0]), r"input_ids is empty \(shape \(2, 0\)\)"),
+    "float-ids": (lambda ids: dict(input_ids=ids.float()),
+                  r"input_ids must hold integer token ids, got dtype torch.float32"),
+    "1d-ids": (lambda ids: dict(input_ids=ids[0]),
+               r"input_ids must have the axes \(batch, sequence\), got shape \(7,\)"),
+    "label-high": (lambda ids: dict(input_ids=ids, labels=torch.full_like(ids, 259)),
+                   r"label 259 is outside the vocabulary .*or -100 to ignore"),
+    "label-negative": (lambda ids: dict(input_ids=ids, labels=torch.full_like(ids, -5)),
+                       r"label -5 is outside the vocabulary"),
+    "float-labels": (lambda ids: dict(input_ids=ids, labels=ids.float()), r"labels must hold integer token ids"),
+    "label-shape": (lambda ids: dict(input_ids=ids, labels=ids[:, :3]), r"labels have shape \(2, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_python_input_is_one_clear_value_error(case):
+    arguments, message = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=message):
-        call(model, random_ids(2, 7))
+        build()(**arguments(random_ids(2, 7)))
 
 
 def test_attention_mask_after_cached_tokens_must_cover_them():
