@@ -13,12 +13,12 @@ SUBCOMMANDS = {
     "benchmark": ("acx_ramanujan.study.benchmark", "train layers x schemes x seeds and compare validation loss"),
     "visualize": ("acx_ramanujan.study.visualize", "plot variance, gradients, attention and expert load of a checkpoint"),
     "bench-speed": ("acx_ramanujan.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
-    "export": ("acx_ramanujan.export", "export a checkpoint to ONNX and verify it with onnxruntime"),
+    "export": ("acx_ramanujan.export", "export a checkpoint to ONNX, Llama/Mixtral or GGUF, verified against the model"),
 }
 
 # Packages of the optional extras (pyproject.toml) that some subcommands import.
 OPTIONAL_PACKAGES = {"peft": "train", "matplotlib": "train", "tensorboard": "train",
-                     "onnx": "export", "onnxruntime": "export", "onnxscript": "export"}
+                     "onnx": "export", "onnxruntime": "export", "onnxscript": "export", "gguf": "export"}
 
 
 def usage() -> str:

@@ -1,59 +1,39 @@
-"""`acx-rt export`: a Ramanujan checkpoint → ONNX, checked in ONNX Runtime against PyTorch before anything is written.
+"""`acx-rt export`: a Ramanujan checkpoint in a format other software runs, checked against the model before anything
+is written (a failed check writes nothing).
 
-The graph is traced by Transformers' own exporter (`transformers.exporters.OnnxExporter`: `torch.export`, then the
-dynamo path of `torch.onnx.export`, with its fixes for Transformers models). The TorchScript exporter
-(`dynamo=False`) fails on this model with torch 2.13: it has no ONNX symbolic for `aten::rms_norm` (`F.rms_norm`).
-The model is loaded with `attn_implementation="sdpa"` (lowered to MatMul/Softmax, with the causal and padding mask
-built in the graph) and `experts_implementation="grouped_mm"`, which Transformers' exporter lowers to one MatMul per
-expert over the tokens routed to it: routing (Softmax → TopK → sort by expert) stays in the graph and stays dropless.
+- `--format onnx` (`export_onnx`): one ONNX graph, verified in ONNX Runtime.
+- `--format llama` (`export_llama`): a standard LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) checkpoint,
+  loadable without this package, verified by loading it back with Transformers' own class.
+- `--format gguf` (`export_gguf`): one GGUF file for llama.cpp, verified in llama.cpp when llama-cpp-python is
+  installed.
 
-One graph, `model.onnx` (weights in `model.onnx.data`), with dynamic batch and sequence axes:
-
-- default: `input_ids`, `attention_mask` → `logits`.
-- `--with_past`: also `position_ids` and, per layer i, `input.past_key_values.layers.{i}.keys` / `.values`
-  (batch, kv_heads, past_length, head_dim) → `logits` and `output.past_key_values.layers.{i}.keys` / `.values`,
-  the cache grown by the new tokens. A past of length 0 makes it the prefill, so one graph serves every step.
-  The names are the `DynamicCache`'s pytree paths, so `transformers.exporters.ExportedModel.from_pretrained` reads it.
+The format modules are imported when their format is asked for: each needs only its own optional packages.
 """
 
 import argparse
+import importlib
 import importlib.util
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-from transformers.exporters import OnnxConfig, OnnxExporter
 
 from .cli import OPTIONAL_PACKAGES
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
 from .saved_files import check_saved_weights, first_line, read_json_object
 
-FORMATS = ("onnx",)
-EXPORT_PACKAGES = [package for package, extra in OPTIONAL_PACKAGES.items() if extra == "export"]  # imported lazily
+# format: (module that writes and verifies it, packages of the [export] extra it imports)
+FORMATS = {
+    "onnx": ("acx_ramanujan.export_onnx", ("onnx", "onnxruntime", "onnxscript")),
+    "llama": ("acx_ramanujan.export_llama", ()),
+    "gguf": ("acx_ramanujan.export_gguf", ("gguf",)),
+}
 # The dynamo exporter writes opsets from torchlib's 18 up to torch.onnx's ONNX_MAX_OPSET (23 in torch 2.13).
 OPSET_RANGE = range(18, 24)
-ONNX_FILE = "model.onnx"
-# Written beside the graph when the checkpoint has them: the tokenizer (whatever kind saved it) and generation defaults.
-COMPANION_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab*",
-    "merges.txt",
-    "chat_template*",
-    "tokenization_*.py",
-    "generation_config.json",
-)
-MAX_ABS_DIFF = 1e-3
-VERIFY_LENGTHS = (5, 17)
-VERIFY_BATCH = 3
-GENERATE_PROMPT_LENGTH = 6
-GENERATE_TOKENS = 5
+OUTTYPES = ("f32", "f16", "q8_0")
 
 
 class ExportError(Exception):
@@ -69,7 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--opset", type=int, default=None,
         help=f"ONNX opset, {OPSET_RANGE.start}-{OPSET_RANGE.stop - 1} (default: torch.onnx's, 20 in torch 2.13)",
     )
-    parser.add_argument("--with_past", action="store_true", help="add KV-cache inputs and outputs for step-by-step decoding")
+    parser.add_argument("--with_past", action="store_true", help="onnx: add KV-cache inputs and outputs for step-by-step decoding")
+    parser.add_argument("--outtype", default=None, help=f"gguf: weight type, one of {', '.join(OUTTYPES)} (default: f16)")
     return parser.parse_args(argv)
 
 
@@ -77,11 +58,19 @@ def check_args(args: argparse.Namespace) -> None:
     """Every input problem, named, before the model is loaded."""
     if args.format not in FORMATS:
         raise ExportError(f"unknown --format {args.format!r} (supported: {', '.join(FORMATS)})")
+    onnx_only = [flag for flag, given in (("--opset", args.opset is not None), ("--with_past", args.with_past)) if given]
+    if onnx_only and args.format != "onnx":
+        raise ExportError(f"--format {args.format} does not take {', '.join(onnx_only)} (only --format onnx does)")
+    if args.outtype is not None and args.format != "gguf":
+        raise ExportError(f"--format {args.format} does not take --outtype (only --format gguf does)")
+    if args.outtype is not None and args.outtype not in OUTTYPES:
+        raise ExportError(f"unknown --outtype {args.outtype!r} (supported: {', '.join(OUTTYPES)})")
     if args.opset is not None and args.opset not in OPSET_RANGE:
         raise ExportError(f"--opset {args.opset} is outside {OPSET_RANGE.start}-{OPSET_RANGE.stop - 1}, the opsets the exporter writes")
-    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    missing = [name for name in FORMATS[args.format][1] if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"{', '.join(missing)} not installed: pip install 'acx-ramanujan-transformer[export]'")
+        extra = OPTIONAL_PACKAGES[missing[0]]
+        raise ExportError(f"{', '.join(missing)} not installed: pip install 'acx-ramanujan-transformer[{extra}]'")
     checkpoint, output_dir = Path(args.checkpoint), Path(args.output_dir)
     config_file = checkpoint / "config.json"
     if not config_file.is_file():
@@ -109,61 +98,6 @@ def load_model(checkpoint: Path) -> RamanujanForCausalLM:
     return model.eval()
 
 
-def trace_inputs(config: RamanujanConfig, with_past: bool, generator: torch.Generator) -> dict:
-    """Example inputs for tracing. Batch, new and past lengths differ (2, 3, 5), so no axis is taken for another."""
-    batch, new_tokens, past_length = 2, 3, 5
-    if not with_past:
-        input_ids = torch.randint(config.vocab_size, (batch, new_tokens + past_length), generator=generator)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
-    cache = DynamicCache(config=config)
-    kv_shape = (batch, config.num_key_value_heads, past_length, config.head_dim)
-    for layer_idx in range(config.num_hidden_layers):
-        cache.update(torch.randn(kv_shape, generator=generator), torch.randn(kv_shape, generator=generator), layer_idx)
-    return {
-        "input_ids": torch.randint(config.vocab_size, (batch, new_tokens), generator=generator),
-        "attention_mask": torch.ones(batch, past_length + new_tokens, dtype=torch.long),
-        "position_ids": torch.arange(past_length, past_length + new_tokens).expand(batch, -1),
-        "past_key_values": cache,
-        "use_cache": True,
-    }
-
-
-def export_onnx(model: RamanujanForCausalLM, with_past: bool, opset: int | None, directory: Path) -> None:
-    """Trace with every input axis dynamic and write `model.onnx`, its weights, the manifest and config.json."""
-    sample = trace_inputs(model.config, with_past, torch.Generator().manual_seed(0))
-    exported = OnnxExporter().export(model, sample, OnnxConfig(dynamic=True, opset_version=opset))
-    exported.save_pretrained(directory)
-
-
-def copy_companions(checkpoint: Path, directory: Path) -> list[str]:
-    names = sorted({path.name for pattern in COMPANION_PATTERNS for path in checkpoint.glob(pattern) if path.is_file()})
-    for name in names:
-        shutil.copy2(checkpoint / name, directory / name)
-    return names
-
-
-def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token = attended tokens before it, 0 on padding: what `generate()` feeds the model."""
-    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
-def onnx_forward(session, config: RamanujanConfig, input_ids, attention_mask, past: dict | None = None):
-    """One run of the exported graph. With a cache, `attention_mask` covers past and new tokens; no `past` = empty.
-
-    Returns the logits and, for a `--with_past` graph, the grown cache keyed by the input names it feeds next.
-    """
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-    input_names = [spec.name for spec in session.get_inputs()]
-    if "position_ids" in input_names:
-        feed["position_ids"] = generation_positions(attention_mask)[:, -input_ids.shape[1] :]
-        empty = torch.zeros(input_ids.shape[0], config.num_key_value_heads, 0, config.head_dim)
-        feed.update(past or {name: empty for name in input_names if name.startswith("input.past_key_values.")})
-    outputs = session.run(None, {name: tensor.numpy() for name, tensor in feed.items()})
-    named = {spec.name: torch.from_numpy(value) for spec, value in zip(session.get_outputs(), outputs)}
-    logits = named.pop("logits")
-    return logits, {name.replace("output.", "input.", 1): tensor for name, tensor in named.items()}
-
-
 def random_batch(config: RamanujanConfig, batch: int, length: int, generator: torch.Generator):
     """Random ids, the first row left-padded by a third of its length, so the mask path is exercised."""
     input_ids = torch.randint(config.vocab_size, (batch, length), generator=generator)
@@ -172,85 +106,6 @@ def random_batch(config: RamanujanConfig, batch: int, length: int, generator: to
     if config.pad_token_id is not None:
         input_ids[attention_mask == 0] = config.pad_token_id
     return input_ids, attention_mask
-
-
-def max_logit_differences(session, model: RamanujanForCausalLM, with_past: bool) -> dict[int, float]:
-    """Max |ONNX − PyTorch| logit over the attended positions at each of VERIFY_LENGTHS. A `--with_past` graph
-    prefills the first half and continues from its own cache with the second, so both an empty and a filled cache
-    are compared."""
-    config, generator = model.config, torch.Generator().manual_seed(1)
-    differences = {}
-    for length in VERIFY_LENGTHS:
-        input_ids, attention_mask = random_batch(config, VERIFY_BATCH, length, generator)
-        position_ids = generation_positions(attention_mask) if with_past else None
-        with torch.no_grad():
-            expected = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).logits
-        if with_past:
-            split = length // 2
-            first, past = onnx_forward(session, config, input_ids[:, :split], attention_mask[:, :split])
-            rest, _ = onnx_forward(session, config, input_ids[:, split:], attention_mask, past)
-            actual = torch.cat([first, rest], dim=1)
-        else:
-            actual, _ = onnx_forward(session, config, input_ids, attention_mask)
-        attended = attention_mask.bool()  # a padded position's logits mean nothing and differ between backends
-        differences[length] = (actual - expected)[attended].abs().max().item()
-    return differences
-
-
-def until_eos(row: list[int], eos_ids: set[int]) -> list[int]:
-    """A generated row up to and including its first eos: `generate()` pads after it, a fixed-length loop doesn't."""
-    for index, token in enumerate(row):
-        if token in eos_ids:
-            return row[: index + 1]
-    return row
-
-
-def greedy_tokens(session, model: RamanujanForCausalLM) -> tuple[list[list[int]], list[list[int]]]:
-    """GENERATE_TOKENS greedy tokens for a left-padded batch of two prompts: (PyTorch `generate()`, ONNX Runtime)."""
-    config = model.config
-    input_ids, attention_mask = random_batch(config, 2, GENERATE_PROMPT_LENGTH, torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=GENERATE_TOKENS, do_sample=False
-        )[:, GENERATE_PROMPT_LENGTH:]
-
-    generated = []
-    logits, past = onnx_forward(session, config, input_ids, attention_mask)
-    while True:
-        next_tokens = logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_tokens)
-        if len(generated) == GENERATE_TOKENS:
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)], dim=1)
-        logits, past = onnx_forward(session, config, next_tokens, attention_mask, past)
-    actual = torch.cat(generated, dim=1)
-
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return [until_eos(row, eos_ids) for row in expected.tolist()], [until_eos(row, eos_ids) for row in actual.tolist()]
-
-
-def verify(directory: Path, model: RamanujanForCausalLM, with_past: bool) -> list[str]:
-    """Open the written graph in ONNX Runtime and compare it with the model; a mismatch raises ExportError."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(str(directory / ONNX_FILE), options, providers=["CPUExecutionProvider"])
-    differences = max_logit_differences(session, model, with_past)
-    report = ", ".join(f"length {length}: {diff:.1e}" for length, diff in differences.items())
-    lines = [f"onnxruntime vs PyTorch, max |logit difference| (batch {VERIFY_BATCH}): {report} (limit {MAX_ABS_DIFF:g})"]
-    worst = max(differences.values())
-    if not worst <= MAX_ABS_DIFF:
-        raise ExportError(f"onnxruntime logits differ from PyTorch by {worst:.2e} (> {MAX_ABS_DIFF:g}): {report}")
-    if with_past:
-        expected, actual = greedy_tokens(session, model)
-        if actual != expected:
-            raise ExportError(f"greedy generation through onnxruntime gave {actual}, generate() gave {expected}")
-        lines.append(f"greedy generation with the KV cache, 2 prompts x {GENERATE_TOKENS} tokens: same as generate() {actual}")
-    return lines
 
 
 def publish(staging: Path, output_dir: Path) -> None:
@@ -268,15 +123,13 @@ def main(argv: list[str]) -> int:
         model = load_model(checkpoint)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}-") as staging:
-            staging = Path(staging)
-            export_onnx(model, args.with_past, args.opset, staging)
-            companions = copy_companions(checkpoint, staging)
-            lines = verify(staging, model, args.with_past)
-            publish(staging, output_dir)
+            format_module = importlib.import_module(FORMATS[args.format][0])
+            written, lines = format_module.export(model, checkpoint, args, Path(staging))
+            publish(Path(staging), output_dir)
     except ExportError as error:
         print(f"acx-rt export: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {output_dir / ONNX_FILE} with config.json" + (f", {', '.join(companions)}" if companions else ""))
+    print(f"wrote {', '.join(written)} to {output_dir}")
     print("\n".join(lines))
     return 0
 

@@ -1,4 +1,4 @@
-"""`acx-rt export`: the ONNX graphs run in ONNX Runtime and agree with PyTorch, dense and MoE, with and without a cache."""
+"""`acx-rt export --format onnx`: the ONNX graphs run in ONNX Runtime and agree with PyTorch, dense and MoE, with and without a cache."""
 
 import json
 
@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config, tiny_moe_config
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig
 
-from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export, export_onnx
+from acx_ramanujan.modeling_ramanujan import CACHE_NAME
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -76,7 +77,7 @@ def test_verification_rejects_a_graph_that_disagrees(dense_export):
     with torch.no_grad():
         perturbed.lm_head.weight.add_(0.01)
     with pytest.raises(export.ExportError, match="differ from PyTorch"):
-        export.verify(output_dir, perturbed, with_past=False)
+        export_onnx.verify(output_dir, perturbed, with_past=False)
 
 
 def test_moe_with_past_generates_like_generate(tmp_path, capsys):
@@ -85,6 +86,13 @@ def test_moe_with_past_generates_like_generate(tmp_path, capsys):
     output_dir = tmp_path / "onnx"
     assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir), "--with_past"]) == 0
     assert "same as generate()" in capsys.readouterr().out
+    # Cache inputs and outputs pair up by name (what ExportedModel and the README's ONNX Runtime loop rely on).
+    session = onnxruntime.InferenceSession(str(output_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    layer_names = [f"{CACHE_NAME}.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in ("keys", "values")]
+    assert [spec.name for spec in session.get_inputs()] == [
+        "input_ids", "attention_mask", "position_ids", *(f"input.{name}" for name in layer_names)
+    ]
+    assert [spec.name for spec in session.get_outputs()] == ["logits", *(f"output.{name}" for name in layer_names)]
 
     # Reference: eager attention and eager (sorted, per-expert loop) experts; the export traced sdpa and grouped_mm.
     model = RamanujanForCausalLM.from_pretrained(
@@ -108,9 +116,9 @@ def test_moe_with_past_generates_like_generate(tmp_path, capsys):
     input_ids, tokens, step_logits = prompt, [], []
     for _ in range(new_tokens):
         out = exported(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **{CACHE_NAME: cache}
         )
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_NAME)
         step_logits.append(out.logits[:, -1])
         input_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(input_ids)
@@ -129,8 +137,8 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
         assert (directory / "config.json").is_file() and directory != output_dir
         raise export.ExportError("logits differ")
 
-    monkeypatch.setattr(export, "export_onnx", lambda model, with_past, opset, directory: model.config.save_pretrained(directory))
-    monkeypatch.setattr(export, "verify", failing_verify)
+    monkeypatch.setattr(export_onnx, "export_onnx", lambda model, with_past, opset, directory: model.config.save_pretrained(directory))
+    monkeypatch.setattr(export_onnx, "verify", failing_verify)
     assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "acx-rt export: logits differ"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint"]
@@ -146,6 +154,9 @@ def write_config(directory, config):
     [
         ("format", ["--format", "tflite"], "unknown --format 'tflite'"),
         ("opset", ["--opset", "11"], "--opset 11 is outside 18-23"),
+        ("with_past_not_onnx", ["--format", "llama", "--with_past"], "--format llama does not take --with_past"),
+        ("outtype_not_gguf", ["--outtype", "f16"], "--format onnx does not take --outtype"),
+        ("outtype", ["--format", "gguf", "--outtype", "q4_k"], "unknown --outtype 'q4_k'"),
         ("llama", [], "holds a 'llama' model, not a Ramanujan one"),
         ("no_config", [], "has no config.json"),
         ("no_weights", [], "cannot load --checkpoint"),

@@ -1,0 +1,238 @@
+"""`acx-rt export --format llama`: a Ramanujan checkpoint as a standard Transformers checkpoint (no remote code).
+
+Dense models become `LlamaForCausalLM`; MoE models `MixtralForCausalLM` or, with shared experts or leading dense
+layers, `Ernie4_5_MoeForCausalLM`. The architectures are the same up to one thing: our attention scale per layer l is 1/(√head_dim·(1 + α·e^(−λ·l))) (the seed's temperature),
+Llama's is 1/√head_dim. The factor 1/(1 + α·e^(−λ·l)) is folded into that layer's `q_proj` rows: RoPE rotates q
+after `q_proj`, a rotation commutes with a scalar, so q·k comes out scaled exactly as ours.
+
+What maps where (anything else is refused, naming the field):
+
+- dense (num_experts = 0): Llama, with any head (tied or not), GQA, head_dim and rope type (both models compute
+  RoPE from the same `rope_parameters` through Transformers' registry).
+- MoE with `norm_topk_prob=True` (softmax over the router logits, top-k, renormalized):
+  - without shared experts and leading dense layers: Mixtral, the same routing.
+  - otherwise: ERNIE 4.5 MoE, whose shared experts are ours (one ungated SwiGLU of moe_intermediate_size × count,
+    added) and whose `moe_layer_start_index` is our `first_k_dense_layers`. It routes as we do (its score-correction
+    bias, zero, only breaks top-k ties) and rotates adjacent pairs (2i, 2i+1) where Llama rotates (i, i + d/2), so
+    each head's q and k rows are reordered to match: the same dot products, exactly.
+- MoE with `norm_topk_prob=False`: refused. Transformers 5.24's classes that can skip the renormalization
+  (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms; Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses
+  latent attention and sigmoid routing.
+
+The tokenizer goes as a `tokenizer.json` that `PreTrainedTokenizerFast` loads: the checkpoint's own (a BPE from
+`acx-rt tokenizer train`), or, for the byte tokenizer, the same 256 bytes + 3 specials as a merge-free byte-level
+BPE built with `tokenizers`.
+"""
+
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from .bpe import SPECIAL_TOKENS, _renumbered_like_byte_tokenizer
+from .configuration_ramanujan import RamanujanConfig
+from .export import ExportError, random_batch
+from .initialization_ramanujan import attention_scaling
+from .modeling_ramanujan import RamanujanForCausalLM
+from .saved_files import read_json_object
+from .tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
+
+# Fields every exported config carries over unchanged (the names are Llama's, Mixtral's and ERNIE's too).
+SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "max_position_embeddings", "rope_parameters", "rms_norm_eps", "tie_word_embeddings",
+    "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id", "use_cache",
+)
+# The loaded-back model must give the same logits; measured: below 1e-7 on the tests' tiny models.
+MAX_ABS_DIFF = 1e-4
+VERIFY_BATCH, VERIFY_LENGTH = 3, 17
+GENERATE_TOKENS = 5
+
+
+class UnrepresentableError(ValueError):
+    """The checkpoint has a feature no in-library Transformers class represents exactly."""
+
+
+def target_config(config: RamanujanConfig) -> LlamaConfig | MixtralConfig | Ernie4_5_MoeConfig:
+    """The Llama / Mixtral / ERNIE 4.5 MoE config of the same shapes; UnrepresentableError names what cannot map."""
+    shared = {name: getattr(config, name) for name in SHARED_FIELDS}
+    if not config.is_moe:
+        return LlamaConfig(**shared, intermediate_size=config.intermediate_size, attention_bias=False, mlp_bias=False)
+    if not config.norm_topk_prob:
+        raise UnrepresentableError(
+            "norm_topk_prob=False has no exact in-library equivalent: Mixtral and ERNIE 4.5 MoE always renormalize the "
+            "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms"
+        )
+    if config.num_shared_experts == 0 and config.first_k_dense_layers == 0:
+        return MixtralConfig(
+            **shared,
+            intermediate_size=config.moe_intermediate_size,
+            num_local_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
+    return Ernie4_5_MoeConfig(
+        **shared,
+        intermediate_size=config.intermediate_size,
+        use_bias=False,
+        moe_intermediate_size=config.moe_intermediate_size,
+        moe_k=config.num_experts_per_tok,
+        moe_num_experts=config.num_experts,
+        moe_num_shared_experts=config.num_shared_experts,
+        moe_layer_start_index=config.first_k_dense_layers,
+        moe_layer_end_index=config.num_hidden_layers - 1,
+        moe_layer_interval=1,
+        output_router_logits=False,
+    )
+
+
+def pairs_adjacent(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head reordered from (i, i + d/2) rotary pairs to (2i, 2i + 1) (ERNIE's and llama.cpp's layout)."""
+    rows, columns = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def query_factors(config: RamanujanConfig) -> list[float]:
+    """Per layer, our attention scale divided by the standard 1/√head_dim: what q_proj's rows are multiplied by."""
+    standard = config.head_dim**-0.5
+    return [
+        attention_scaling(config.head_dim, layer, config.attention_scale_alpha, config.attention_scale_decay) / standard
+        for layer in range(config.num_hidden_layers)
+    ]
+
+
+def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch.Tensor]:
+    """Our weights under the `target` config's names, q_proj scaled by `query_factors`.
+
+    Our names are Llama's already; only the MoE router is Mixtral's and ERNIE's `mlp.gate` (the fused expert weights
+    share their layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)). For ERNIE, q and k rows are
+    reordered to its rotary layout and the router's score-correction bias is zero.
+    """
+    config = model.config
+    ernie = isinstance(target, Ernie4_5_MoeConfig)
+    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in model.state_dict().items()}
+    for layer, factor in enumerate(query_factors(config)):
+        attention = f"model.layers.{layer}.self_attn."
+        state[attention + "q_proj.weight"] = state[attention + "q_proj.weight"] * factor
+        if ernie:
+            for name, heads in (("q_proj.weight", config.num_attention_heads), ("k_proj.weight", config.num_key_value_heads)):
+                state[attention + name] = pairs_adjacent(state[attention + name], heads)
+            if config.is_moe_layer(layer):
+                bias = torch.zeros(1, config.num_experts, dtype=torch.float32)
+                state[f"model.layers.{layer}.mlp.gate.moe_statics.e_score_correction_bias"] = bias
+    return state
+
+
+def to_transformers_model(model: RamanujanForCausalLM) -> PreTrainedModel:
+    """A LlamaForCausalLM / MixtralForCausalLM / Ernie4_5_MoeForCausalLM holding our weights (same dtype), in eval mode."""
+    config = target_config(model.config)
+    target_class = {MixtralConfig: MixtralForCausalLM, Ernie4_5_MoeConfig: Ernie4_5_MoeForCausalLM}.get(
+        type(config), LlamaForCausalLM
+    )
+    with torch.device("meta"):
+        target = target_class(config)
+    target.load_state_dict(converted_state_dict(model, config), strict=True, assign=True)
+    target.tie_weights()
+    target.config.architectures = [target_class.__name__]
+    target.generation_config = model.generation_config
+    # Non-persistent buffers (the rotary inv_freq) were built on the meta device: rebuild them from the config.
+    target.model.rotary_emb = type(target.model.rotary_emb)(config=config)
+    return target.eval()
+
+
+def byte_tokenizer_fast() -> PreTrainedTokenizerFast:
+    """RamanujanByteTokenizer's ids as a plain fast tokenizer: a byte-level BPE without merges (byte b → id b,
+    then <pad>, <s>, </s>), <s> prepended. Unlike ours it parses special-token text typed in the input into the
+    special ids (`split_special_tokens=False`), as Llama tokenizers and our trained BPE do."""
+    empty = Tokenizer(models.BPE())
+    empty.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_renumbered_like_byte_tokenizer(empty), chat_template=DEFAULT_CHAT_TEMPLATE, **SPECIAL_TOKENS
+    )
+
+
+def fast_tokenizer(checkpoint: Path) -> PreTrainedTokenizerFast | None:
+    """The checkpoint's own fast tokenizer (tokenizer.json), the byte tokenizer rebuilt as one, or None (no tokenizer,
+    or one of another kind: it is not guessed at)."""
+    if (checkpoint / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    config_file = checkpoint / "tokenizer_config.json"
+    if config_file.is_file() and read_json_object(config_file).get("tokenizer_class") == RamanujanByteTokenizer.__name__:
+        return byte_tokenizer_fast()
+    return None
+
+
+def model_card(config, alpha: float) -> ModelCard:
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=["acx-ramanujan", config.model_type])
+    body = (
+        f"# {config.architectures[0]} exported from an acx-ramanujan-transformer checkpoint\n\n"
+        f"A standard `{config.architectures[0]}` checkpoint: load it with `AutoModelForCausalLM.from_pretrained(path)`,"
+        " no `trust_remote_code`. It was written by `acx-rt export --format llama`, which checked that its logits"
+        " equal the original model's.\n\n"
+        f"The original's per-layer attention temperature (α = {alpha}) is folded into each layer's `q_proj` weights,"
+        " so these weights differ from the original's `q_proj` by that per-layer factor.\n"
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def max_logit_difference(reference: torch.nn.Module, target: torch.nn.Module) -> float:
+    """Max |target − reference| logit over the attended positions of a left-padded random batch."""
+    input_ids, attention_mask = random_batch(reference.config, VERIFY_BATCH, VERIFY_LENGTH, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        actual = target(input_ids=input_ids, attention_mask=attention_mask).logits
+    return (actual - expected)[attention_mask.bool()].abs().max().item()
+
+
+def greedy_tokens(reference: torch.nn.Module, target: torch.nn.Module) -> tuple[list[list[int]], list[list[int]]]:
+    """`generate()` greedy tokens of a left-padded batch: (ours without a cache, the exported model with its cache)."""
+    input_ids, attention_mask = random_batch(reference.config, 2, 6, torch.Generator().manual_seed(2))
+    settings = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=GENERATE_TOKENS, do_sample=False)
+    with torch.no_grad():
+        expected = reference.generate(**settings, use_cache=False)[:, input_ids.shape[1] :]
+        actual = target.generate(**settings)[:, input_ids.shape[1] :]
+    return expected.tolist(), actual.tolist()
+
+
+def export(model: RamanujanForCausalLM, checkpoint: Path, args, directory: Path) -> tuple[list[str], list[str]]:
+    """Write the Llama / Mixtral / ERNIE checkpoint (config, safetensors, generation config, tokenizer, README.md), load it
+    back with Transformers' class and compare: (written files, report lines)."""
+    try:
+        target = to_transformers_model(model)
+    except UnrepresentableError as error:
+        raise ExportError(f"--format llama: {error}") from None
+    target.save_pretrained(directory)
+    tokenizer = fast_tokenizer(checkpoint)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    model_card(target.config, model.config.attention_scale_alpha).save(directory / "README.md")
+
+    architecture = target.config.architectures[0]
+    loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    difference = max_logit_difference(model, loaded)
+    if not difference <= MAX_ABS_DIFF:
+        raise ExportError(f"{architecture} logits differ from the model's by {difference:.2e} (> {MAX_ABS_DIFF:g})")
+    expected, actual = greedy_tokens(model, loaded)
+    if actual != expected:
+        raise ExportError(f"{architecture} generated {actual} greedily, the model {expected}")
+    lines = [
+        f"{architecture} loaded back with Transformers: max |logit difference| {difference:.1e} "
+        f"(batch {VERIFY_BATCH} x {VERIFY_LENGTH}, limit {MAX_ABS_DIFF:g}); greedy generate() gives the same tokens",
+        "tokenizer: " + ("none written (the checkpoint has no tokenizer.json and no byte tokenizer)" if tokenizer is None
+                         else "tokenizer.json (a fast tokenizer, no remote code)"),
+    ]
+    return sorted(path.name for path in directory.iterdir()), lines

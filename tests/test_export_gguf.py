@@ -1,0 +1,140 @@
+"""`acx-rt export --format gguf`: the file's contents (read back with gguf's reader), and, marked `llama_cpp`, the file run
+in llama.cpp through llama-cpp-python against our model: tokens, logits and greedy tokens."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config, tiny_moe_config
+
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
+from acx_ramanujan.bpe import train_bpe_tokenizer
+
+gguf = pytest.importorskip("gguf")  # in the [export] extra, like onnx for the ONNX tests
+from acx_ramanujan import export_gguf  # noqa: E402  (needs gguf)
+
+TEXTS = ["Hello, world!", "Ramanujan ∑ 1729 — é 漢字 😀", "  two spaces\tand a tab\n", "the cat sat on the mat"]
+NEW_TOKENS = 8
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def save_checkpoint(directory, config, tokenizer=None, seed=0):
+    torch.manual_seed(seed)
+    RamanujanForCausalLM(config).save_pretrained(directory)
+    (tokenizer or RamanujanByteTokenizer()).save_pretrained(directory)
+    return directory
+
+
+def export_file(tmp_path, config, outtype, tokenizer=None):
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", config, tokenizer)
+    output_dir = tmp_path / "gguf"
+    argv = ["--checkpoint", str(checkpoint), "--format", "gguf", "--outtype", outtype, "--output_dir", str(output_dir)]
+    assert export.main(argv) == 0
+    return checkpoint, output_dir / f"model-{outtype}.gguf"
+
+
+def field(reader, key):
+    value = reader.get_field(key)
+    return value.contents() if value is not None else None
+
+
+def test_file_holds_the_llama_architecture_and_the_byte_vocabulary(tmp_path):
+    config = tiny_config(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)
+    _, path = export_file(tmp_path, config, "q8_0")
+    reader = gguf.GGUFReader(path)
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "llama.attention.head_count_kv") == config.num_key_value_heads
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    # Byte b is token b, written in GPT-2's byte alphabet, which `tokenizers`' ByteLevel decodes back to the byte.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
+    assert tokens == [alphabet[b] for b in range(256)] + ["<pad>", "<s>", "</s>"]
+    assert field(reader, "tokenizer.ggml.token_type")[256:] == [gguf.TokenType.CONTROL] * 3
+    assert [field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("padding", "bos", "eos")] == [256, 257, 258]
+
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd for the head
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    # llama3 rope: llama.cpp divides each pair's frequency by rope_freqs: from 1 (high) up to `factor` (low frequencies).
+    factors = np.asarray(tensors["rope_freqs.weight"].data)
+    # (head_dim 8: pair 0 is between llama3's two wavelength bounds, the other three beyond the low-frequency one.)
+    assert 1.0 < factors[0] < 8.0
+    np.testing.assert_allclose(factors[1:], 8.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
+        (dict(num_experts=4, num_shared_experts=1), "maps to Ernie4_5_MoeForCausalLM (shared experts or leading dense"),
+        (dict(num_experts=4, norm_topk_prob=False), "norm_topk_prob=False has no exact in-library equivalent"),
+        (dict(vocab_size=320), "the tokenizer has 259 tokens and the model vocab_size 320"),
+    ],
+)
+def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, capsys, overrides, message):
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", tiny_config(**overrides))
+    output_dir = tmp_path / "gguf"
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "gguf", "--output_dir", str(output_dir)]) == 1
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not output_dir.exists()
+
+
+# --- in llama.cpp -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_cpp():
+    return pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python; it compiles llama.cpp)"
+    )
+
+
+def ours(checkpoint, prompts):
+    """Our logits per prompt, and NEW_TOKENS greedy tokens recomputed without a cache (eager attention)."""
+    model = RamanujanForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    logits, generated = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            logits.append(model(ids, use_cache=False).logits[0].numpy())
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False, eos_token_id=None)
+            generated.append(out[0, len(prompt) :].tolist())
+    return logits, generated
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize(
+    "name, config, outtype, limit",
+    [
+        ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "f32", 1e-3),
+        ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "f16", 2e-2),
+        ("tied_llama3_mqa", tiny_config(tie_word_embeddings=True, num_key_value_heads=1, head_dim=16,
+                                        attention_scale_alpha=0.8, rope_parameters=LLAMA3_ROPE), "f16", 2e-2),
+        ("linear_rope", tiny_config(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0}),
+         "f32", 1e-3),
+        ("moe_as_mixtral", tiny_moe_config(attention_scale_alpha=0.5), "f32", 1e-3),
+        ("bpe_tokenizer", None, "f32", 1e-3),
+        ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "q8_0", None),
+    ],
+)
+def test_llama_cpp_runs_the_file_like_our_model(tmp_path, llama_cpp, name, config, outtype, limit):
+    tokenizer = None
+    if name == "bpe_tokenizer":
+        tokenizer = train_bpe_tokenizer(iter(["the cat sat on the mat " * 20, "the dog sat on the log " * 20]), 300)
+        config = tiny_config(vocab_size=len(tokenizer), attention_scale_alpha=0.3)
+    checkpoint, path = export_file(tmp_path, config, outtype, tokenizer)
+    prompts, logits, generated = export_gguf.llama_cpp_run(path, TEXTS, NEW_TOKENS)
+
+    tokenizer = tokenizer or RamanujanByteTokenizer()
+    assert prompts == [tokenizer(text).input_ids for text in TEXTS]
+    if name == "bpe_tokenizer":
+        assert max(prompts[-1]) >= 259, "the merges were not used"
+    expected_logits, expected_tokens = ours(checkpoint, prompts)
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(expected_logits, logits))
+    print(f"{name} {outtype}: max |llama.cpp - PyTorch| logit {difference:.2e}, greedy equal: {generated == expected_tokens}")
+    if limit is not None:  # q8_0 is reported, not asserted
+        assert difference < limit
+        assert generated == expected_tokens
