@@ -171,7 +171,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         detail = first_line(error) if error is not None else "another process failed"
-        raise SaveFailed(f"could not write the checkpoint {final} ({detail}); earlier checkpoints are kept")
+        raise SaveFailed(f"could not write the checkpoint {final} ({detail}; disk full?); earlier checkpoints are kept")
     if accelerator.is_main_process:
         if final.exists():  # re-saving a step after resuming from an earlier checkpoint
             discard(final)

@@ -489,12 +489,12 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
         f"{args.block_size} tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"
     )
-    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
     step_loss = torch.zeros((), device=accelerator.device)
     # A resumed run that had already finished its steps (killed while evaluating or saving, or simply run again)
     # trains no further: it only finishes what was left, the final evaluation and save.
     epochs = range(start_epoch, num_epochs) if start_step < args.max_train_steps else range(0)
-    with stop_requests(accelerator) as received:
+    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
+    with stop_requests(accelerator) as received, bar:
         for epoch in epochs:
             train_dataloader.set_epoch(epoch)
             batches = train_dataloader
@@ -535,7 +535,7 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                     state.metrics_records = metrics_log.records
                     path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
                 if stop:
-                    bar.close()
+                    bar.close()  # before the message below
                     signum = received[0] if received else signal.SIGTERM
                     accelerator.print(f"Stopped by {signal.Signals(signum).name}; resume with "
                                       f"--resume_from_checkpoint {path}")
@@ -546,7 +546,6 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                 step_start = time.perf_counter()
             if state.completed_steps >= args.max_train_steps:
                 break
-    bar.close()
 
     if state.last_eval_step != state.completed_steps:
         state.eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
@@ -593,8 +592,8 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, state: Training
         write_json_atomically(stage / "all_results.json", {**train_results, **eval_results})
     except (OSError, RuntimeError, SafetensorError) as error:
         shutil.rmtree(stage, ignore_errors=True)
-        raise SaveFailed(f"could not write the final model to {stage} ({first_line(error)}); the checkpoints and "
-                         f"any earlier model in {output_dir} are kept") from None
+        raise SaveFailed(f"could not write the final model into {output_dir} ({first_line(error)}; disk full?); the "
+                         "checkpoints and any earlier model there are kept") from None
     for item in stage.iterdir():
         os.replace(item, output_dir / item.name)
     stage.rmdir()
