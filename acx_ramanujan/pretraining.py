@@ -207,7 +207,7 @@ def output_dir_lock(accelerator: Accelerator, output_dir: Path):
             output_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except Timeout:
-            refusal = f"--output_dir {output_dir} is in use by another {PROG} run (it holds {output_dir / LOCK_NAME})"
+            refusal = f"--output_dir {output_dir} is in use by another {PROG} run (lock file {output_dir / LOCK_NAME})"
     [refusal] = broadcast_object_list([refusal])
     if refusal:
         raise ValueError(refusal)

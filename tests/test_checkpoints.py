@@ -1,7 +1,9 @@
 """Checkpoints that can be trusted: nothing in one runs code, a finished run resumed changes nothing, one run per
 output dir, a full disk costs no earlier checkpoint, and kill -9 anywhere (mid-save too) resumes exactly."""
 
+import errno
 import hashlib
+import json
 import os
 import random
 import resource
@@ -16,6 +18,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
+from transformers import modeling_utils
 
 from acx_ramanujan import pretraining
 from test_pretraining import REPO_ROOT, corpus, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401 (fixtures)
@@ -91,6 +94,7 @@ def test_a_finished_run_resumed_trains_no_further(tmp_path, corpus, finished_run
     assert pretraining.main(train_args(corpus, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")) == 0
     assert_same_weights(finished_run / "model.safetensors", out / "model.safetensors")
     assert (out / "metrics.jsonl").read_text() == log
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 6
     after = file_digests(out)
     for name in ("checkpoint-6/optimizer.bin", "eval_results.json", "config.json"):
         assert after[name] == before[name], name
@@ -131,6 +135,22 @@ def test_a_write_failure_while_checkpointing_costs_nothing_earlier(tmp_path, cor
     assert "earlier checkpoints are kept" in result.stderr
     assert [path.name for path in out.iterdir() if "partial" in path.name] == []
     assert file_digests(out) == before  # checkpoints 3 and 6 and the finished model, byte for byte
+
+
+def test_a_full_disk_while_saving_the_final_model_keeps_the_earlier_one(tmp_path, corpus, finished_run, monkeypatch,
+                                                                        capsys):
+    """A longer run resumed in a folder holding a finished model: ENOSPC while writing the new weights."""
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    before = file_digests(out)
+
+    def disk_full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", disk_full)  # what save_pretrained writes weights with
+    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")) == 1
+    assert_one_line_error(capsys.readouterr().err, f"could not write the final model into {out} ([Errno 28] No space")
+    assert [path.name for path in out.iterdir() if "partial" in path.name] == []
+    assert file_digests(out) == before
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
