@@ -86,15 +86,15 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """`latest` → the highest checkpoint-STEP in output_dir; otherwise the given directory."""
+    path = Path(spec)
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
             raise BadCheckpoint(f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}STEP folder in {output_dir}")
-        return checkpoints[-1]
-    path = Path(spec)
+        path = checkpoints[-1]
     if not (path / TRAINING_STATE_NAME).is_file():
-        raise BadCheckpoint(f"--resume_from_checkpoint {spec}: not a checkpoint folder written by acx-rt train "
-                            f"(no {TRAINING_STATE_NAME})")
+        raise BadCheckpoint(f"--resume_from_checkpoint {path}: not a checkpoint folder written by acx-rt train "
+                            f"(no {TRAINING_STATE_NAME}; the pickled state of versions before it is not loaded)")
     return path
 
 

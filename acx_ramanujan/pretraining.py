@@ -200,14 +200,16 @@ def check_output_dir(args: argparse.Namespace) -> None:
 def output_dir_lock(accelerator: Accelerator, output_dir: Path):
     """One run per output dir: the main process holds an OS file lock (`filelock`) for the whole run, released when
     the run ends or its process dies, even by kill -9. The other processes of the same launch learn the outcome
-    from it, so a refused launch stops on every process."""
-    lock, refusal = FileLock(output_dir / LOCK_NAME, timeout=0), None
+    from it, so a refused launch stops on every process. A folder made here that is still empty at the end (bad
+    input found before training) is removed again."""
+    lock_file, refusal = output_dir / LOCK_NAME, None
+    lock, created = FileLock(lock_file, timeout=0), not output_dir.exists()
     if accelerator.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except Timeout:
-            refusal = f"--output_dir {output_dir} is in use by another {PROG} run (lock file {output_dir / LOCK_NAME})"
+            refusal = f"--output_dir {output_dir} is in use by another {PROG} run (lock file {lock_file})"
     [refusal] = broadcast_object_list([refusal])
     if refusal:
         raise ValueError(refusal)
@@ -215,6 +217,9 @@ def output_dir_lock(accelerator: Accelerator, output_dir: Path):
         yield
     finally:
         if lock.is_locked:
+            if created and [entry.name for entry in output_dir.iterdir()] == [LOCK_NAME]:
+                lock_file.unlink()  # while still held: a run starting now finds the lock taken, or no folder
+                output_dir.rmdir()
             lock.release()
 
 
@@ -576,8 +581,7 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, state: Training
     state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in accelerator.get_state_dict(model).items()}
     eval_results = state.eval_results
     try:
-        unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                                  state_dict=state_dict)
+        unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, state_dict=state_dict)
         if not accelerator.is_main_process:
             return
         tokenizer.save_pretrained(stage)

@@ -153,15 +153,12 @@ def test_a_full_disk_while_saving_the_final_model_keeps_the_earlier_one(tmp_path
     assert file_digests(out) == before
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
-    """Poll until `condition()`; False if the process ended first."""
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll until `condition()` or the process ends."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            return False
+    while not condition() and process.poll() is None:
         assert time.monotonic() < deadline, "the training run made no progress"
         time.sleep(0.005)
-    return True
 
 
 def logged_steps(out: Path) -> int:
@@ -180,29 +177,30 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, corp
     kills = 0
     for attempt, mid_save in enumerate((False, True, False)):
         resume = ("--resume_from_checkpoint", "latest") if pretraining.list_checkpoints(out) else ()
-        victim = subprocess.Popen(PRETRAIN + train_args(corpus, out, *steps, *resume), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        with (tmp_path / f"attempt-{attempt}.log").open("w") as log:  # a file, not a pipe that could fill and block
+            victim = subprocess.Popen(PRETRAIN + train_args(corpus, out, *steps, *resume), stdout=log, stderr=log)
         try:
             target = logged_steps(out) + rng.randint(1, 4)
-            alive = wait_for(lambda: logged_steps(out) >= target and pretraining.list_checkpoints(out), victim)
-            if attempt == 0 and alive:
+            wait_for(lambda: logged_steps(out) >= target and pretraining.list_checkpoints(out), victim)
+            if attempt == 0:
+                victim.send_signal(signal.SIGSTOP)  # paused mid-run, still holding the output dir
                 reset_accelerate()
                 second = train_args(corpus, out, *steps, "--overwrite_output_dir")
                 assert pretraining.main(second) == 2
                 assert_one_line_error(capsys.readouterr().err, f"--output_dir {out} is in use by another acx-rt train run")
+                victim.send_signal(signal.SIGCONT)
             if mid_save:
-                alive = wait_for(lambda: any(out.glob(".checkpoint-*.partial")), victim)
+                wait_for(lambda: any(out.glob(".checkpoint-*.partial")), victim)
             else:
                 time.sleep(rng.uniform(0, 0.2))
+            kills += victim.poll() is None
             victim.kill()
-            kills += alive
         finally:
             victim.kill()
-            victim.communicate()
-    assert kills >= 2, "the runs finished before they could be killed"
+            victim.wait()
+    assert kills >= 2, "the runs finished before they could be killed"  # 3 here; a much faster machine may skip one
     reset_accelerate()
     assert pretraining.main(train_args(corpus, out, *steps, "--resume_from_checkpoint", "latest")) == 0
     assert_same_weights(reference / "model.safetensors", out / "model.safetensors")
-    assert read_jsonl(out / "metrics.jsonl") != []
     losses = [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert losses == [(r["step"], r["loss"]) for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]

@@ -299,7 +299,7 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("acx-rt train: error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run").exists()  # nothing written, not even the lock
 
 
 def test_push_to_hub_uploads_the_finished_run(tmp_path, corpus, monkeypatch):
