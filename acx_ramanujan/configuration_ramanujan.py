@@ -5,9 +5,14 @@ for those configs reads ours. Bad values raise `ValueError` naming the field, at
 """
 
 import json
+import math
+import types
+import typing
 from pathlib import Path
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .initialization_ramanujan import INIT_SCHEMES
 
@@ -15,6 +20,37 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 # The seed's attention temperature α, which `init_scheme="ramanujan"` brings along unless α is set explicitly.
 SEED_ATTENTION_SCALE_ALPHA = 0.3
+
+# The router's loss settings: (type, default). They exist only on mixture-of-experts configs, as on Qwen3-MoE and
+# Mixtral configs and unlike Llama's: clients such as TRL read `hasattr(config, "output_router_logits")` as "this
+# model has a router" and then ask for router losses a dense model does not have.
+MOE_LOSS_FIELDS = {"router_aux_loss_coef": (float, 0.01), "router_z_loss_coef": (float, 0.001),
+                   "output_router_logits": (bool, False)}
+
+# Tensor-parallel rules by module path under the base model, grouped by the module that a config may or may not build.
+TP_PLANS = {
+    "attention": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+                  "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"},
+    "mlp": {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"},
+    "experts": {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+                "layers.*.mlp.experts": "moe_tp_experts"},
+    "shared_experts": {"layers.*.mlp.shared_experts.gate_proj": "colwise", "layers.*.mlp.shared_experts.up_proj": "colwise",
+                       "layers.*.mlp.shared_experts.down_proj": "rowwise"},
+}
+EP_PLAN = {"layers.*.mlp.experts.gate_up_proj": "grouped_gemm", "layers.*.mlp.experts.down_proj": "grouped_gemm",
+           "layers.*.mlp.experts": "ep_dispatch_experts"}
+
+# The range of each float field, checked after it is known to be finite: (what the range is, test).
+FLOAT_RANGES = {
+    "rms_norm_eps": ("> 0", lambda value: value > 0),
+    "ramanujan_gain": ("> 0", lambda value: value > 0),
+    "initializer_range": ("> 0", lambda value: value > 0),
+    "attention_scale_alpha": ("> -1 (the attention scale stays positive)", lambda value: value > -1),
+    "attention_scale_decay": ("finite", lambda value: True),
+    "attention_dropout": ("in [0, 1)", lambda value: 0 <= value < 1),
+    "router_aux_loss_coef": (">= 0", lambda value: value >= 0),
+    "router_z_loss_coef": (">= 0", lambda value: value >= 0),
+}
 
 
 class RamanujanConfig(PreTrainedConfig):
@@ -34,8 +70,13 @@ class RamanujanConfig(PreTrainedConfig):
     """
 
     model_type = "ramanujan"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     default_theta = 10000.0
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     vocab_size: int = 259
     hidden_size: int = 256
@@ -62,9 +103,8 @@ class RamanujanConfig(PreTrainedConfig):
     num_shared_experts: int = 0
     first_k_dense_layers: int = 0
     norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    output_router_logits: bool = False
+    # router_aux_loss_coef (0.01), router_z_loss_coef (0.001), output_router_logits (False): MoE only, see
+    # MOE_LOSS_FIELDS; set in __post_init__.
 
     # Initialization
     init_scheme: str = "normal"
@@ -81,12 +121,14 @@ class RamanujanConfig(PreTrainedConfig):
     ramanujan_layer_schedule: bool = True
 
     def __post_init__(self, **kwargs):
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if self.attention_scale_alpha is None:
             self.attention_scale_alpha = SEED_ATTENTION_SCALE_ALPHA if self.init_scheme == "ramanujan" else 0.0
+        self._set_moe_loss_fields(kwargs)
         self._check_values()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -96,14 +138,39 @@ class RamanujanConfig(PreTrainedConfig):
         except KeyError as error:
             raise ValueError(f"rope_parameters: {error.args[0]}") from None
 
+    @classmethod
+    def field_types(cls) -> dict[str, object]:
+        """Every field this class adds, with its annotated type (the MoE loss fields included): what a preset,
+        `--config_overrides` or a saved config.json may set."""
+        types = {name: value for name, value in cls.__annotations__.items() if name in cls.__dataclass_fields__}
+        return {**types, **{name: kind for name, (kind, _) in MOE_LOSS_FIELDS.items()}}
+
+    def _check_types(self):
+        """Each field against its annotation (int fields refuse bools and floats; float fields take ints), so a
+        wrong type from JSON or the command line is a ValueError naming the field, not a TypeError later."""
+        for name, annotation in type(self).field_types().items():
+            if name in self.__dict__ and not _is_instance(getattr(self, name), annotation):
+                raise ValueError(f"{name} must be {_type_name(annotation)}, got {getattr(self, name)!r}")
+
+    def _set_moe_loss_fields(self, kwargs: dict):
+        """Pop the router-loss settings from `kwargs`: set on MoE configs, refused on dense ones unless default
+        (configs saved before they became MoE-only carry the defaults)."""
+        for name, (kind, default) in MOE_LOSS_FIELDS.items():
+            value = kwargs.pop(name, default)
+            if not _is_instance(value, kind):
+                raise ValueError(f"{name} must be {_type_name(kind)}, got {value!r}")
+            if self.is_moe:
+                setattr(self, name, value)
+            elif value != default:
+                raise ValueError(f"{name} applies to mixture-of-experts models only (num_experts > 0), got {value!r}")
+
     def _check_values(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", "moe_intermediate_size")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
             raise ValueError(f"head_dim must be a positive even integer (rotary embeddings), got {self.head_dim!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -115,34 +182,59 @@ class RamanujanConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
                 f"({self.num_key_value_heads})"
             )
-        for name in ("num_experts", "num_shared_experts", "first_k_dense_layers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_experts", "num_shared_experts", "first_k_dense_layers", "ramanujan_depth",
+                     "ramanujan_transition"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts "
                 f"({self.num_experts})"
             )
+        self._check_float_ranges()
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; valid: {', '.join(sorted(ACT2FN))}")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"init_scheme {self.init_scheme!r} is unknown; valid schemes: {', '.join(INIT_SCHEMES)}")
         for name in ("embedding_init_scheme", "lm_head_init_scheme"):
             value = getattr(self, name)
             if value is not None and value not in INIT_SCHEMES:
                 raise ValueError(f"{name} {value!r} is unknown; valid: None or one of {', '.join(INIT_SCHEMES)}")
-        if not isinstance(self.ramanujan_layer_schedule, bool):
-            raise ValueError(f"ramanujan_layer_schedule must be True or False, got {self.ramanujan_layer_schedule!r}")
-        for name in ("ramanujan_depth", "ramanujan_transition"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
-        if self.ramanujan_gain <= 0 or self.initializer_range <= 0:
+        self._check_rope_parameters()
+
+    def _check_float_ranges(self):
+        """Every float field finite (NaN and inf are refused) and within its range."""
+        for name, (meaning, within) in FLOAT_RANGES.items():
+            if not hasattr(self, name):  # the router fields of a dense config
+                continue
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and within(value)):
+                raise ValueError(f"{name} must be {meaning}, got {value}")
+
+    def _check_rope_parameters(self):
+        if self.rope_parameters is None:
+            return
+        rope_type = self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default"))
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(
-                f"ramanujan_gain ({self.ramanujan_gain}) and initializer_range ({self.initializer_range}) must be > 0"
+                f"rope_parameters: rope_type {rope_type!r} is unknown; valid: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
             )
-        if self.attention_scale_alpha <= -1:
-            raise ValueError(f"attention_scale_alpha must be > -1 (the scale stays positive), got {self.attention_scale_alpha}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        theta = self.rope_parameters.get("rope_theta", self.default_theta)
+        if not _is_instance(theta, float) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"rope_parameters: rope_theta must be a finite number > 0, got {theta!r}")
+
+    def check_special_token_ids(self):
+        """Special token ids must be ids the embedding has (an out-of-range pad id fails deep inside nn.Embedding).
+
+        Checked when a model is built, not when the config is: code that edits a config (Transformers' own tests
+        shrink the vocabulary, then set the ids) may pass through a state where the defaults do not fit yet.
+        """
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(f"{name} {token_id} is outside the vocabulary (valid ids 0..{self.vocab_size - 1})")
 
     @property
     def is_moe(self) -> bool:
@@ -151,6 +243,25 @@ class RamanujanConfig(PreTrainedConfig):
     def is_moe_layer(self, layer_idx: int) -> bool:
         """The first `first_k_dense_layers` layers stay dense; the rest use experts when num_experts > 0."""
         return self.num_experts > 0 and layer_idx >= self.first_k_dense_layers
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel rules by module path under the base model: Llama's for attention and dense MLPs, Qwen3-MoE's
+        for the fused experts; the embedding is split by vocabulary rows like the head tied to it ("colwise" on
+        lm_head). Only rules for modules this config builds (Transformers' own tests require each to match one)."""
+        plan = {"embed_tokens": "embedding_rowwise", **TP_PLANS["attention"]}
+        if not self.is_moe or self.first_k_dense_layers > 0:
+            plan.update(TP_PLANS["mlp"])
+        if self.is_moe:
+            plan.update(TP_PLANS["experts"])
+        if self.is_moe and self.num_shared_experts > 0:
+            plan.update(TP_PLANS["shared_experts"])
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """Expert-parallel rules (Qwen3-MoE's) for MoE configs; None for dense ones."""
+        return dict(EP_PLAN) if self.is_moe else None
 
     @classmethod
     def from_preset(cls, name_or_path: str, **overrides) -> "RamanujanConfig":
@@ -168,10 +279,33 @@ class RamanujanConfig(PreTrainedConfig):
         if not isinstance(values, dict):
             raise ValueError(f"preset file {str(path)!r} must hold a JSON object of config fields")
         values.pop("model_type", None)
-        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        unknown = sorted(set(overrides) - set(cls.field_types()))
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)} for RamanujanConfig")
         return cls(**{**values, **overrides})
+
+
+def _is_instance(value: object, annotation) -> bool:
+    """isinstance for the annotations used above (`int | None`, `int | list[int] | None`, `dict | None` ...),
+    where an int is no bool and a float may be given as an int."""
+    for kind in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,):
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return True
+        if origin is list and isinstance(value, list):
+            if all(_is_instance(item, typing.get_args(kind)[0]) for item in value):
+                return True
+        elif origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        elif origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        elif origin in (bool, str, dict) and isinstance(value, origin):
+            return True
+    return False
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("<class '", "").replace("'>", "").replace("NoneType", "None")
 
 
 __all__ = ["RamanujanConfig"]

@@ -31,7 +31,7 @@ from transformers.exporters import OnnxConfig, OnnxExporter
 from .cli import OPTIONAL_PACKAGES
 from .configuration_ramanujan import RamanujanConfig
 from .modeling_ramanujan import RamanujanForCausalLM
-from .saved_files import first_line, read_json_object
+from .saved_files import check_saved_weights, first_line, read_json_object
 
 FORMATS = ("onnx",)
 EXPORT_PACKAGES = [package for package, extra in OPTIONAL_PACKAGES.items() if extra == "export"]  # imported lazily
@@ -100,6 +100,7 @@ def check_args(args: argparse.Namespace) -> None:
 def load_model(checkpoint: Path) -> RamanujanForCausalLM:
     """float32, with the attention and experts implementations the exporter lowers to plain ONNX ops."""
     try:
+        check_saved_weights(checkpoint)  # damaged or non-finite weights: one line, nothing exported
         model = RamanujanForCausalLM.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
         )

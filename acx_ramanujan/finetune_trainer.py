@@ -6,7 +6,8 @@
 - `ExpertLoadTrainer`: the Transformers `Trainer`, plus the MoE expert load in every training log.
 - `run_cli`: parse (HfArgumentParser over our dataclasses and `TrainingArguments`, so every Trainer flag works),
   build the trainer (all checks happen here: bad input gives one line on stderr and exit status 1), then
-  train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model.
+  train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model; then, with
+  --push_to_hub, push the finished run once through `hub.push_to_hub` (`take_hub_push` says why not Trainer's push).
 """
 
 import sys
@@ -14,17 +15,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx2
 import torch
 from datasets import DatasetDict
+from huggingface_hub import get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from hub_cards import hardware_description, write_model_card
 
 from .data import load_raw_datasets
+from .hub import hub_error_line, push_to_hub
 from .lora import LoraArguments, apply_lora, save_merged
 from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
-from .saved_files import first_line, read_json_object, safetensors_shapes
+from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, safetensors_shapes
 
 
 @dataclass
@@ -92,6 +99,9 @@ def load_checkpoint_config(model_args: ModelArguments, auto_class, head: str):
             f"{path!r} is a {config.model_type!r} checkpoint, which has no {head} model; "
             f"start from a Ramanujan checkpoint or another {head} model"
         )
+    local = Path(path).expanduser()
+    if (local / WEIGHTS).is_file() or (local / WEIGHTS_INDEX).is_file():
+        check_saved_weights(local)  # a damaged or diverged checkpoint: one line now, not a traceback or NaN training
     return config
 
 
@@ -218,6 +228,48 @@ def write_card(directory: Path, model, eval_results: dict, train_metrics: dict, 
     write_model_card(directory, config, eval_results=eval_results, training=training, dataset_name=dataset_name, base_model=base_model)
 
 
+@dataclass
+class HubPush:
+    """Where --push_to_hub sends the finished run; the token lives here only, never in TrainingArguments."""
+
+    repo_id: str
+    token: str | None
+    private: bool
+    revision: str | None
+
+
+def take_hub_push(training_args: TrainingArguments, lora_args: LoraArguments) -> HubPush | None:
+    """Take the Hub settings, and the token, out of `training_args`, so that Trainer neither pushes nor keeps the token.
+
+    Trainer pickles its arguments, `hub_token` included, into training_args.bin in the output dir and in every
+    checkpoint; with push_to_hub it also uploads every file of the output dir (those pickles too) from background
+    threads during training, and replaces our model card with its own draft. So the token is removed from the
+    arguments before the Trainer exists, and the finished run is pushed once, at the end, by `hub.push_to_hub`:
+    the same checks, file list and single commit as `acx-rt push`. Checkpoint pushing (--hub_strategy checkpoint
+    or all_checkpoints, which would upload optimizer state) is refused rather than silently not done.
+    """
+    token, training_args.hub_token = training_args.hub_token, None
+    if not training_args.push_to_hub:
+        return None
+    training_args.push_to_hub = False
+    if not training_args.do_train:
+        raise ValueError("--push_to_hub needs --do_train: an evaluation-only run writes no model to push")
+    if training_args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+        raise ValueError(f"--hub_strategy {training_args.hub_strategy.value} is not supported: --push_to_hub uploads the "
+                         "finished model once, at the end of the run (checkpoints stay local)")
+    if lora_args.use_lora and not lora_args.merge_lora:
+        raise ValueError("--push_to_hub with --use_lora needs --merge_lora: the Hub repository gets the merged model "
+                         "(the adapter alone cannot be loaded without its base)")
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"--hub_model_id {repo_id!r} is not a valid repo id: {error}") from None
+    if not (token or get_token()):
+        raise ValueError("--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`")
+    return HubPush(repo_id, token, bool(training_args.hub_private_repo), training_args.hub_revision)
+
+
 def train_evaluate_save(trainer: Trainer, model_args, lora_args: LoraArguments, dataset_name: str | None) -> dict:
     """Train (resuming when asked), save, evaluate into eval_results.json, write the card and the merged model."""
     args = trainer.args
@@ -300,6 +352,7 @@ def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: C
     argv = sys.argv[1:] if argv is None else argv
     try:
         model_args, data_args, lora_args, training_args = parse_arguments(data_arguments_class, argv, prog)
+        hub_push = take_hub_push(training_args, lora_args)
         trainer = build_trainer(model_args, data_args, lora_args, training_args)
         if training_args.resume_from_checkpoint is not None:
             check_checkpoint_fits(trainer.model, training_args.resume_from_checkpoint)
@@ -307,4 +360,16 @@ def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: C
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     train_evaluate_save(trainer, model_args, lora_args, data_args.dataset_label)
+    if hub_push is None or not trainer.is_world_process_zero():
+        return 0
+    output_dir = Path(training_args.output_dir)
+    pushed_dir = output_dir / "merged" if lora_args.merge_lora else output_dir
+    try:
+        commit = push_to_hub(pushed_dir, hub_push.repo_id, private=hub_push.private, revision=hub_push.revision,
+                             token=hub_push.token, commit_message=f"{prog}: fine-tuned model")
+    except (ValueError, OSError, httpx2.TransportError) as error:  # HfHubHTTPError is an OSError
+        print(f"{prog}: error: the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}",
+              file=sys.stderr)
+        return 1
+    print(f"pushed {pushed_dir} to {commit.commit_url}")
     return 0

@@ -6,8 +6,10 @@ masks through `masking_utils`, the KV cache through `cache_utils`. What is ours:
 initialization (`initialization_ramanujan`) and the seed's per-layer attention temperature.
 """
 
+import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -28,11 +30,40 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ramanujan import RamanujanConfig
 from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, scheme_for_role, weight_std
+
+# Transformers 5.24 renamed the KV cache `past_key_values` → `cache` everywhere at once: `generate()` passes `cache=`,
+# outputs carry `.cache`, `create_causal_mask` and `GradientCheckpointingLayer` read `cache`. Earlier 5.x releases
+# use `past_key_values` in all four places. Our forwards take `cache` and also accept `past_key_values`
+# (`accepts_past_key_values`); CACHE_NAME is the installed release's name, used wherever we hand the cache to
+# Transformers. Reading `output.past_key_values` on 5.24 logs a deprecation warning, so code that must run on both
+# reads `getattr(output, CACHE_NAME)`.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_past_key_values(forward: Callable) -> Callable:
+    """Let a `forward(..., cache=...)` also be called with `past_key_values=`, as Llama is on the installed release.
+
+    Where `cache` is the release's name, through the `deprecate_kwarg` Llama uses (its FutureWarning included); on
+    earlier releases silently, since their own `generate()` passes `past_key_values`.
+    """
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            if kwargs.get("cache") is not None:
+                raise ValueError("pass the KV cache once, as `cache` (or `past_key_values`), not as both")
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 class RamanujanRMSNorm(nn.Module):
@@ -147,7 +178,7 @@ class RamanujanAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -158,8 +189,8 @@ class RamanujanAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -206,6 +237,10 @@ class RamanujanExperts(nn.Module):
     gate_up_proj: (num_experts, 2·moe_intermediate_size, hidden); down_proj: (num_experts, hidden, moe_intermediate).
     The eager forward is dropless and computes each token only for its own top-k experts: assignments are
     sorted by expert, gathered once, run through each expert's contiguous slice, weighted and scattered back.
+    Sizing those slices reads the per-expert counts back to the host, which a compiled graph (or a CUDA graph)
+    cannot do; there, and under expert parallelism (whose dispatch can send the out-of-range id `num_experts` with
+    weight 0), it runs Transformers' "batched_mm" instead: the same sums over each token's top-k experts, with
+    shapes that do not depend on the routing.
     """
 
     def __init__(self, config: RamanujanConfig):
@@ -218,6 +253,8 @@ class RamanujanExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if torch.compiler.is_compiling() or self._is_expert_parallel:
+            return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
         order = flat_experts.argsort(stable=True)
@@ -291,12 +328,13 @@ class RamanujanDecoderLayer(GradientCheckpointingLayer):
                     else "linear"
                 )
 
+    @accepts_past_key_values  # the model passes the cache as CACHE_NAME: the name gradient checkpointing drops
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -304,7 +342,7 @@ class RamanujanDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -317,17 +355,27 @@ class RamanujanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RamanujanDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # the MoE dispatch sizes its expert slices on the host
+    _can_compile_fullgraph = True  # the MoE eager dispatch switches to a shape-static path when compiled
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": RamanujanRouter,
         "hidden_states": RamanujanDecoderLayer,
         "attentions": RamanujanAttention,
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also name every head we ship in config.json's `auto_map`.
+
+        Transformers writes only the saving class there, so a checkpoint saved from the causal LM could not be loaded
+        through `trust_remote_code` as a classifier or a base model (the package registers these Auto classes).
+        """
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_code_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
@@ -381,14 +429,77 @@ class RamanujanPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Fail with the offending id instead of an opaque index error (skipped inside compiled graphs)."""
-    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+def check_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    vocab_size: int,
+) -> None:
+    """Bad Python-API input fails here, with one ValueError naming the problem, before any work.
+
+    Without these checks an empty batch, float ids or an out-of-range id fail deep inside as an IndexError or
+    RuntimeError (a device-side assert on CUDA), and an attention_mask of the wrong shape is silently broadcast
+    or cut, which changes the logits. Only the id range needs the ids' values; the rest reads shapes and dtypes.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    name, tokens, axes = (
+        ("input_ids", input_ids, "(batch, sequence)")
+        if input_ids is not None
+        else ("inputs_embeds", inputs_embeds, "(batch, sequence, hidden)")
+    )
+    if tokens.ndim != axes.count(",") + 1:
+        raise ValueError(f"{name} must have the axes {axes}, got shape {tuple(tokens.shape)}")
+    if input_ids is not None and not holds_integers(input_ids):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    batch, length = tokens.shape[:2]
+    if batch == 0 or length == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of one token")
+    if attention_mask is not None and attention_mask.ndim == 2:  # a 4-D mask is taken as prepared by the caller
+        cached = cache.get_seq_length() if cache is not None else 0
+        # A static cache reports its length as a tensor: comparing it would read it back, so only its batch is checked.
+        expected = (batch, cached + length) if isinstance(cached, int) else (batch, attention_mask.shape[1])
+        if tuple(attention_mask.shape) != expected:
+            after_cache = f" after {cached} cached tokens" if cached else ""
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape {tuple(tokens.shape)}"
+                f"{after_cache}: the mask must be (batch, cached + new tokens) = {expected}"
+            )
+    if input_ids is not None:
+        check_ids_in_range(input_ids, vocab_size, "token id", cache)
+
+
+def holds_integers(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
+def check_ids_in_range(
+    ids: torch.Tensor, vocab_size: int, what: str, cache: Cache | None, ignore_index: int | None = None
+) -> None:
+    """Fail with the offending id (a token id or a label) instead of an opaque index error or device-side assert.
+
+    The check reads the ids' min and max back to the host: free for CPU tensors, but a device→host sync on an
+    accelerator, which would stall every decode step of `generate()`. So on an accelerator only passes that do not
+    extend a filled cache check (training steps, a prompt's prefill, one forward): a decode step feeds back ids that
+    `generate()` picked from this model's own head, which has the embedding's size (`resize_token_embeddings` resizes
+    both). A cache filled before the first call (a static cache that `generate()` initialized early) also skips it.
+    Compiled graphs skip it too (a host read would break the graph). `vocab_size` is the live embedding/head size,
+    so it follows `resize_token_embeddings`.
+    """
+    if torch.compiler.is_compiling() or ids.numel() == 0:
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    if ids.device.type != "cpu" and cache is not None and cache.is_initialized:
+        return
+    if ignore_index is not None:
+        ids = ids.masked_fill(ids == ignore_index, 0)
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read for both
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
-        raise ValueError(f"token id {bad} is outside the vocabulary (vocab_size={vocab_size}, valid ids 0..{vocab_size - 1})")
+        ignored = f", or {ignore_index} to ignore" if ignore_index is not None else ""
+        raise ValueError(
+            f"{what} {bad} is outside the vocabulary (vocab_size={vocab_size}, valid ids 0..{vocab_size - 1}{ignored})"
+        )
 
 
 class RamanujanModel(RamanujanPreTrainedModel):
@@ -396,6 +507,7 @@ class RamanujanModel(RamanujanPreTrainedModel):
 
     def __init__(self, config: RamanujanConfig):
         super().__init__(config)
+        config.check_special_token_ids()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -407,6 +519,7 @@ class RamanujanModel(RamanujanPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -414,20 +527,18 @@ class RamanujanModel(RamanujanPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds, attention_mask, cache, self.embed_tokens.num_embeddings)
         if inputs_embeds is None:
-            check_token_ids(input_ids, self.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -435,8 +546,8 @@ class RamanujanModel(RamanujanPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_NAME: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -445,11 +556,11 @@ class RamanujanModel(RamanujanPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
 def load_balancing_loss(
@@ -467,7 +578,7 @@ def load_balancing_loss(
         probs = F.softmax(logits.float(), dim=-1)
         chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
         weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
-        weights = weights / weights.sum()
+        weights = weights / weights.sum().clamp_min(1)  # an all-padding batch: weight 0, not 0/0
         assignment_share = (chosen * weights[:, None]).sum(0) / top_k
         mean_prob = (probs * weights[:, None]).sum(0)
         losses.append(num_experts * (assignment_share * mean_prob).sum())
@@ -483,7 +594,7 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
             losses.append(z.mean())
         else:
             mask = attention_mask.reshape(-1).float()
-            losses.append((z * mask).sum() / mask.sum())
+            losses.append((z * mask).sum() / mask.sum().clamp_min(1))
     return torch.stack(losses).mean()
 
 
@@ -496,8 +607,29 @@ def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Te
     return torch.stack(rows)
 
 
+@dataclass
+class RamanujanCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """Qwen3-MoE's / Mixtral's output (whose cache field has the installed release's name) plus the router z-loss.
+
+    As there, `aux_loss` is the raw load-balancing loss; `z_loss` is the raw router z-loss; with labels,
+    `loss` = LM loss + router_aux_loss_coef · aux_loss + router_z_loss_coef · z_loss.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+
+
+def check_labels(labels: torch.Tensor, tokens: torch.Tensor, vocab_size: int, cache: Cache | None) -> None:
+    """Labels: integer ids shaped like the input, each a vocabulary id or -100 (ignored); one ValueError if not."""
+    if not holds_integers(labels):
+        raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(tokens.shape[:2]):
+        expected = tuple(tokens.shape[:2])
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the input has (batch, sequence) = {expected}")
+    check_ids_in_range(labels, vocab_size, "label", cache, ignore_index=-100)
+
+
 class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
-    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss` (as `aux_loss`)."""
+    """Decoder + LM head. With MoE and labels, the router's balance and z losses join `loss`, times their coefs."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -511,28 +643,32 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         self.lm_head._ramanujan_role = "lm_head"
         self.post_init()
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> RamanujanCausalLMOutputWithPast:
         if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
+            output_router_logits = self.config.is_moe and self.config.output_router_logits
         need_router_logits = self.config.is_moe and (output_router_logits or labels is not None)
+        if labels is not None:
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            check_labels(labels, tokens, self.lm_head.out_features, cache)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=need_router_logits,
@@ -544,19 +680,20 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = None
+        aux_loss = z_loss = None
         if need_router_logits:
-            router_logits = outputs.router_logits
-            aux_loss = self.config.router_aux_loss_coef * load_balancing_loss(
-                router_logits, self.config.num_experts_per_tok, attention_mask
-            ) + self.config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
+            z_loss = router_z_loss(outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+                # Summed in this order since the first release, so the total (and the published numbers) stay exact.
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                loss = loss + router_loss.to(loss.device)
+        return RamanujanCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
+            z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
@@ -570,6 +707,8 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
 RamanujanForCausalLM.forward.__signature__ = inspect.signature(RamanujanForCausalLM.forward)
 
 
+# Not Transformers' `GenericForSequenceClassification`: its __init__ builds the decoder with `AutoModel.from_config`,
+# which under remote code has no `trust_remote_code` to pass and raises (checked on 5.23.0 and 5.24.0).
 class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
     """Decoder + linear score head on the last non-pad token (Llama's pooling; works with left or right padding)."""
 
@@ -580,13 +719,14 @@ class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -596,7 +736,7 @@ class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -620,10 +760,20 @@ class RamanujanForSequenceClassification(RamanujanPreTrainedModel):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+def remote_code_auto_map() -> dict[str, str]:
+    """`auto_map` entries of the model heads, as "modeling_ramanujan.ClassName" (the file save_pretrained copies)."""
+    heads = {
+        "AutoModel": RamanujanModel,
+        "AutoModelForCausalLM": RamanujanForCausalLM,
+        "AutoModelForSequenceClassification": RamanujanForSequenceClassification,
+    }
+    return {auto: f"{head.__module__.rsplit('.', 1)[-1]}.{head.__name__}" for auto, head in heads.items()}
 
 
 __all__ = [
@@ -631,6 +781,7 @@ __all__ = [
     "RamanujanModel",
     "RamanujanForCausalLM",
     "RamanujanForSequenceClassification",
+    "RamanujanCausalLMOutputWithPast",
     "load_balancing_loss",
     "router_z_loss",
     "expert_load",

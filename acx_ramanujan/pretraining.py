@@ -22,7 +22,6 @@ import sys
 import time
 import typing
 from contextlib import ExitStack, contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -126,7 +125,7 @@ def parse_config_overrides(text: str | None) -> dict:
     """`"k=v,k=v"` → {field: typed value}; each value is parsed as its RamanujanConfig field's annotated type."""
     if not text:
         return {}
-    annotations = {field.name: field.type for field in fields(RamanujanConfig)}
+    annotations = RamanujanConfig.field_types()
     overrides = {}
     # Split on commas that start a new `name=`, so JSON values such as rope_parameters may hold commas.
     for item in re.split(r",(?=\s*\w+\s*=)", text):

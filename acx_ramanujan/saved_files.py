@@ -1,13 +1,18 @@
-"""Reading what `save_pretrained` and the Trainer wrote, without loading it: JSON objects and safetensors headers.
+"""Reading what `save_pretrained` and the Trainer wrote, without loading it: JSON objects and safetensors files.
 
 Each reader raises ValueError naming the file, so every command can turn a bad file into its one-line error.
+`check_saved_weights` is the one check that finetune, export, visualize and push run on a checkpoint's weights.
 """
 
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def first_line(error: BaseException) -> str:
@@ -36,3 +41,48 @@ def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
     return shapes
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files `from_pretrained(directory)` reads: `model.safetensors` (which Transformers prefers),
+    else every shard `model.safetensors.index.json` names. ValueError when there are none or a shard is missing."""
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    if not (directory / WEIGHTS_INDEX).is_file():
+        raise ValueError(f"{directory} has no weights ({WEIGHTS} or {WEIGHTS_INDEX}): save with model.save_pretrained")
+    weight_map = read_json_object(directory / WEIGHTS_INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{directory / WEIGHTS_INDEX} has no weight_map")
+    names = sorted(set(map(str, weight_map.values())))
+    absent = [name for name in names if not (directory / name).is_file()]
+    if absent:
+        raise ValueError(f"{directory}/{WEIGHTS_INDEX} names shard(s) that are missing: {', '.join(absent)}")
+    return [directory / name for name in names]
+
+
+def check_saved_weights(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint's weights is readable and finite; returns tensor name → shape.
+
+    A truncated or corrupted file, or a NaN/inf anywhere, raises ValueError naming the file (and the first
+    non-finite tensor) before any command trains on, exports or shares it. Tensors are read one at a time from
+    the memory-mapped file, so checking a large checkpoint holds at most one tensor in memory.
+    """
+    shapes = {}
+    for file in weight_files(directory):
+        try:
+            with safe_open(file, framework="pt") as weights:
+                for name in weights.keys():
+                    tensor = weights.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(finite_checkable(tensor)).all()):
+                        raise ValueError(f"{file} holds non-finite values (NaN or inf) in {name}: refusing to use these "
+                                         "weights (the training run that wrote them diverged, or the file is damaged)")
+                    shapes[name] = tuple(tensor.shape)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file} is not a readable safetensors file: {first_line(error)}") from None
+    return shapes
+
+
+def finite_checkable(tensor: torch.Tensor) -> torch.Tensor:
+    """float8 tensors have no `isfinite` kernel on every device: compare them in float16 (which holds all their values)."""
+    return tensor.to(torch.float16) if tensor.element_size() == 1 else tensor

@@ -50,20 +50,35 @@ def write_model_card(
     dataset_name: str | None = None,
     base_model: str | None = None,
 ) -> Path:
-    """Write `output_dir/README.md` for a checkpoint of `config` and return its path.
+    """Write `output_dir/README.md` (atomically) for a checkpoint of `config` and return its path; the card is
+    `render_model_card`'s, named after the directory."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise ValueError(f"write_model_card: output_dir {output_dir} is not a directory")
+    card = render_model_card(config, model_name=output_dir.resolve().name, eval_results=eval_results, training=training,
+                             dataset_name=dataset_name, base_model=base_model)
+    return write_text_atomically(output_dir / "README.md", str(card))
+
+
+def render_model_card(
+    config,
+    *,
+    model_name: str,
+    eval_results: dict,
+    training: dict,
+    dataset_name: str | None = None,
+    base_model: str | None = None,
+) -> ModelCard:
+    """The model card for a checkpoint of `config`, called `model_name` (a directory name or a Hub repo id).
 
     eval_results: the run's final evaluation (`eval_results.json`: `eval_loss`, `perplexity`, `bits_per_byte` …);
     training: `steps`, `tokens`, `wall_time_s`, `hardware`, `hyperparameters` (dict) — any may be missing;
     dataset_name: the training data (a Hub dataset id or a file name); base_model: the Hub id a fine-tune started from.
     """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        raise ValueError(f"write_model_card: output_dir {output_dir} is not a directory")
     architecture = (config.architectures or ["RamanujanForCausalLM"])[0]
     pipeline_tag = PIPELINE_TAGS.get(architecture, "text-generation")
     classifier = pipeline_tag == "text-classification"  # the card's wording and how-to-use code follow the head
     metrics = scalar_metrics(eval_results)
-    model_name = output_dir.resolve().name
     eval_entries = eval_result_entries(metrics, pipeline_tag, dataset_name)
     card_data = ModelCardData(
         model_name=model_name if eval_entries else None,  # only `model-index` uses it
@@ -97,8 +112,7 @@ def write_model_card(
         compute=compute_rows(training),
         hyperparameters=[(name, value) for name, value in sorted((training.get("hyperparameters") or {}).items())],
     )
-    card = ModelCard(content)  # parses the YAML header back: a card the Hub would reject fails here
-    return write_text_atomically(output_dir / "README.md", str(card))
+    return ModelCard(content)  # parses the YAML header back: a card the Hub would reject fails here
 
 
 def scalar_metrics(eval_results: dict) -> dict[str, float]:
@@ -204,4 +218,4 @@ def format_number(value: float) -> str:
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
 
 
-__all__ = ["hardware_description", "write_model_card"]
+__all__ = ["hardware_description", "render_model_card", "write_model_card"]

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs, the shared corpus, and an isolated HF cache for every test session."""
+"""Shared fixtures: tiny configs, a text corpus from inside the package, and an isolated HF cache for every test session."""
 
 import os
 import tempfile
@@ -17,15 +17,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="session")
-def tiny_shakespeare() -> Path:
-    if not TINY_SHAKESPEARE.is_file():
-        pytest.skip(f"needs ../shared/data/tinyshakespeare.txt (absent at {TINY_SHAKESPEARE})")
-    return TINY_SHAKESPEARE
+def text_corpus(tmp_path_factory) -> Path:
+    """A real text file of ~466 kB: the corpus `acx-rt train` embeds (Python's help text), so no test needs ../shared."""
+    from acx_ramanujan.data import default_corpus_text
+
+    path = tmp_path_factory.mktemp("corpus") / "python-help.txt"
+    path.write_text(default_corpus_text(), encoding="utf-8")
+    return path
 
 
 def tiny_config(**overrides):

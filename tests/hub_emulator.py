@@ -6,6 +6,7 @@ It implements the requests `huggingface_hub` 2.4 makes (read from its source: `h
   GET  /api/whoami-v2                                  who the token belongs to
   POST /api/validate-yaml                              README metadata check before a commit
   POST /api/repos/create                               create_repo (409 when it exists)
+  DELETE /api/repos/delete                             delete_repo
   POST /api/models/{repo}/branch/{branch}              create_branch (409 when it exists)
   POST /api/models/{repo}/preupload/{revision}         upload mode per file: always "regular", so the client
                                                        inlines every file (base64) in the commit and never
@@ -19,7 +20,8 @@ It implements the requests `huggingface_hub` 2.4 makes (read from its source: `h
 Every commit is kept (a full snapshot of the files), so any commit sha is a revision. Writes need a known
 token (401 otherwise); private repos are invisible (404 RepoNotFound, as on the Hub) without one.
 `fail_next_download(path, after_bytes)` drops the connection after `after_bytes` of that file's body; with
-`go_away=True` the emulator then stops answering until `start()` is called again.
+`go_away=True` the emulator then stops answering until `start()` is called again. `fail_next_commit()` refuses
+the next commit (400). `bodies` keeps every request body received, for tests that look for leaked secrets.
 """
 
 import base64
@@ -79,6 +81,8 @@ class HubEmulator:
         self.tokens = set(tokens)
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # method, path
+        self.bodies: list[bytes] = []  # every request body, in order
+        self.commit_failure: str | None = None
         self.lock = threading.RLock()
         self.port = 0  # the first start() picks a free port; later starts reuse it
         self.server: ThreadingHTTPServer | None = None
@@ -115,6 +119,10 @@ class HubEmulator:
         the emulator stops (see `stop`), else it keeps serving (the client retries)."""
         self.failure = (path, after_bytes, go_away)
 
+    def fail_next_commit(self, message: str = "the emulator refuses this commit") -> None:
+        """The next commit request is answered 400 with `message`; nothing is committed."""
+        self.commit_failure = message
+
     # -- repository operations, shared by the handler ------------------------------------------------------------
 
     def repo(self, repo_id: str, token: str | None) -> Repo:
@@ -142,8 +150,17 @@ class HubEmulator:
             self.repos[repo_id] = repo
         return repo_id
 
+    def delete_repo(self, name: str, organization: str | None) -> None:
+        repo_id = f"{organization or USER}/{name}"
+        with self.lock:
+            if self.repos.pop(repo_id, None) is None:
+                raise HubError(404, "Repository not found", "RepoNotFound")
+
     def apply_commit(self, repo: Repo, revision: str, lines: list[dict]) -> Commit:
         with self.lock:
+            if self.commit_failure is not None:
+                message, self.commit_failure = self.commit_failure, None
+                raise HubError(400, message)
             if revision not in repo.branches:
                 raise HubError(404, f"Invalid rev id: {revision} (commits go to a branch)", "RevisionNotFound")
             parent = repo.commits[repo.branches[revision]]
@@ -193,6 +210,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch()
 
+    def do_DELETE(self):
+        self.dispatch()
+
     def dispatch(self):
         split = urlsplit(self.path)
         self.query = parse_qs(split.query)
@@ -201,6 +221,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.body = self.rfile.read(length) if length else b""
         with self.hub.lock:
             self.hub.requests.append((self.command, split.path))
+            self.hub.bodies.append(self.body)
         try:
             self.route()
         except HubError as error:
@@ -247,6 +268,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             private = payload.get("visibility") == "private" or payload.get("private") is True  # 2.x sends visibility
             repo_id = self.hub.create_repo(payload["name"], payload.get("organization"), private)
             return self.send_json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+        if s[:3] == ["api", "repos", "delete"] and method == "DELETE":
+            self.require_token()
+            payload = json.loads(self.body)
+            self.hub.delete_repo(payload["name"], payload.get("organization"))
+            return self.send_json({})
         if s[:2] == ["api", "models"] and len(s) >= 4:
             return self.route_model_api(f"{s[2]}/{s[3]}", s[4:])
         if len(s) >= 5 and s[2] == "resolve" and method in ("GET", "HEAD"):

@@ -1,4 +1,4 @@
-"""train_bpe_tokenizer on tiny Shakespeare: id layout, exact round trip, plain AutoTokenizer reload, CLI, bad input."""
+"""train_bpe_tokenizer on a real text corpus: id layout, exact round trip, plain AutoTokenizer reload, CLI, bad input."""
 
 import json
 
@@ -18,8 +18,8 @@ VOCAB_SIZE = 320
 
 
 @pytest.fixture(scope="module")
-def corpus(tiny_shakespeare):
-    return tiny_shakespeare
+def corpus(text_corpus):
+    return text_corpus
 
 
 @pytest.fixture(scope="module")

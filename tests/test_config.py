@@ -104,3 +104,104 @@ def test_ramanujan_scheme_brings_the_seed_attention_temperature():
     assert RamanujanConfig(init_scheme="ramanujan", attention_scale_alpha=0.0).attention_scale_alpha == 0.0
     assert RamanujanConfig(init_scheme="xavier").attention_scale_alpha == 0.0
     assert RamanujanConfig(init_scheme="normal", attention_scale_alpha=0.3).attention_scale_alpha == 0.3
+
+
+# Every field, a family of bad values: a wrong type (as JSON or the command line would give it), NaN/inf, and values
+# out of range. Each must be refused at construction with a ValueError naming the field.
+BAD_VALUES = [
+    ("num_experts", "4"), ("num_experts", 4.0), ("num_experts", True), ("hidden_size", "64"), ("num_hidden_layers", 2.5),
+    ("vocab_size", None), ("head_dim", 16.0), ("ramanujan_depth", 2.5), ("ramanujan_transition", "3"),
+    ("num_experts_per_tok", "2"), ("first_k_dense_layers", -1), ("num_shared_experts", -1),
+    ("ramanujan_gain", "1"), ("ramanujan_gain", float("nan")), ("ramanujan_gain", float("inf")), ("ramanujan_gain", -1.0),
+    ("initializer_range", float("nan")), ("initializer_range", 0.0), ("initializer_range", float("inf")),
+    ("rms_norm_eps", -1), ("rms_norm_eps", 0.0), ("rms_norm_eps", float("nan")), ("rms_norm_eps", "1e-6"),
+    ("attention_scale_alpha", float("nan")), ("attention_scale_alpha", -1.0), ("attention_scale_alpha", "0.3"),
+    ("attention_scale_decay", float("inf")), ("attention_scale_decay", float("nan")),
+    ("attention_dropout", -0.1), ("attention_dropout", float("nan")),
+    ("hidden_act", "bogus"), ("hidden_act", 3),
+    ("rope_parameters", "x"), ("rope_parameters", {"rope_type": "bogus", "rope_theta": 10000.0}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": -1.0}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": float("nan")}),
+    ("tie_word_embeddings", "yes"), ("use_cache", 1), ("norm_topk_prob", "true"), ("ramanujan_layer_schedule", 0),
+    ("init_scheme", None), ("embedding_init_scheme", 3),
+    ("eos_token_id", "258"), ("pad_token_id", 1.0),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_VALUES, ids=lambda item: repr(item))
+def test_every_field_refuses_bad_types_and_ranges(name, value):
+    with pytest.raises(ValueError, match=name):
+        RamanujanConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("router_aux_loss_coef", -0.1), ("router_aux_loss_coef", float("nan")), ("router_aux_loss_coef", "0.01"),
+     ("router_z_loss_coef", float("inf")), ("router_z_loss_coef", -1.0), ("output_router_logits", "yes")],
+)
+def test_moe_loss_fields_refuse_bad_values(name, value):
+    with pytest.raises(ValueError, match=name):
+        RamanujanConfig(num_experts=4, **{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("pad_token_id", 259), ("pad_token_id", -1), ("bos_token_id", 1000),
+                                         ("eos_token_id", [258, 300])])
+def test_special_token_ids_outside_the_vocabulary_are_refused_when_a_model_is_built(name, value):
+    from acx_ramanujan import RamanujanForCausalLM
+
+    config = RamanujanConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
+                             **{name: value})
+    with pytest.raises(ValueError, match=f"{name} .* is outside the vocabulary"):
+        RamanujanForCausalLM(config)
+    # a config may pass through such a state while being edited (Transformers' own tests shrink the vocabulary first)
+    setattr(config, name, 0)
+    RamanujanForCausalLM(config)
+
+
+def test_bad_values_are_refused_from_presets_and_saved_configs(tmp_path):
+    preset = tmp_path / "bad.json"
+    preset.write_text(json.dumps({"num_experts": "4"}))
+    with pytest.raises(ValueError, match="num_experts"):
+        RamanujanConfig.from_preset(str(preset))
+    RamanujanConfig(hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved" / "config.json"
+    values = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**values, "rms_norm_eps": -1}))
+    with pytest.raises(ValueError, match="rms_norm_eps"):
+        AutoConfig.from_pretrained(tmp_path / "saved")
+
+
+def test_router_loss_fields_exist_on_moe_configs_only():
+    """Clients such as TRL take `hasattr(config, "output_router_logits")` to mean "this model has a router"."""
+    dense, moe = RamanujanConfig(), RamanujanConfig(num_experts=4, router_aux_loss_coef=0.05)
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "output_router_logits"):
+        assert not hasattr(dense, name) and name not in dense.to_dict()
+        assert hasattr(moe, name) and name in moe.to_dict()
+    assert (moe.router_aux_loss_coef, moe.router_z_loss_coef, moe.output_router_logits) == (0.05, 0.001, False)
+    # a dense config saved before these became MoE-only carries their defaults: still loads
+    assert not hasattr(RamanujanConfig(router_aux_loss_coef=0.01, output_router_logits=False), "router_aux_loss_coef")
+    with pytest.raises(ValueError, match="router_aux_loss_coef applies to mixture-of-experts models only"):
+        RamanujanConfig(router_aux_loss_coef=0.5)
+    assert RamanujanConfig.from_preset("tiny", num_experts=4, router_z_loss_coef=0.0).router_z_loss_coef == 0.0
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_experts": 4}, {"num_experts": 4, "num_shared_experts": 1},
+                                   {"num_experts": 4, "first_k_dense_layers": 1}])
+def test_parallel_plans_name_only_modules_the_config_builds(extra):
+    """Every tensor/expert-parallel rule matches a module or parameter of this config's model, and every weight matrix
+    of a decoder layer has a rule (what Transformers' test_tp_plan_matches_params checks, per config)."""
+    import fnmatch
+
+    from acx_ramanujan import RamanujanModel
+
+    config = RamanujanConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, **extra)
+    model = RamanujanModel(config)
+    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    plans = {**config.base_model_tp_plan, **(config.base_model_ep_plan or {}), **config.base_model_pp_plan}
+    assert (config.base_model_ep_plan is None) == (not config.is_moe)
+    for key in plans:
+        assert any(fnmatch.fnmatch(name, key.replace(".*.", ".[0-9]*.")) for name in names), key
+    layer_weights = {name for name in names if name.startswith("layers.") and name.endswith(("proj.weight", "proj"))}
+    for name in layer_weights:
+        assert any(fnmatch.fnmatch(name.removesuffix(".weight"), key.replace(".*.", ".[0-9]*."))
+                   for key in config.base_model_tp_plan), name

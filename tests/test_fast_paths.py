@@ -154,3 +154,39 @@ def test_generate_does_not_recompute_the_forward_signature_per_token(monkeypatch
         return len(computed)
 
     assert signatures_computed(12) == signatures_computed(2)
+
+
+# ------------------------------------------- compiled and expert-parallel paths of the MoE dispatch
+
+
+def test_expert_parallel_dispatch_drops_the_sentinel_expert_id():
+    """Under expert parallelism Transformers hands the experts the id `num_experts` (with weight 0) for assignments
+    that belong to another rank; they must contribute nothing, and the rest must be computed as usual."""
+    model, block = moe_block()
+    experts = block.experts
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 32, generator=generator)
+    top_k_index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(6)])
+    top_k_weights = torch.rand(6, 2, generator=generator)
+    off_rank = torch.zeros_like(top_k_index, dtype=torch.bool)
+    off_rank[::2, 1] = True
+    expected = naive_experts(experts, x, top_k_index.masked_fill(off_rank, 0), top_k_weights.masked_fill(off_rank, 0.0))
+    experts._is_expert_parallel = True
+    got = experts(x, top_k_index.masked_fill(off_rank, 4), top_k_weights.masked_fill(off_rank, 0.0))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_static_cache_fullgraph_compiled_generation_equals_dynamic_eager(kind):
+    """`_can_compile_fullgraph = True` holds: with a static cache and `torch.compile(forward, fullgraph=True)` (no graph
+    break allowed: the MoE dispatch must not read its routing back to the host) greedy tokens equal eager ones."""
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM((tiny_moe_config if kind == "moe" else tiny_config)()).eval()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(8))
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=256)
+    dynamic_eager = model.generate(prompt, **settings)
+    # aot_eager: Dynamo must capture the whole forward (fullgraph) and AOTAutograd trace it; inductor code generation
+    # would add minutes on a 2-core CPU and tests torch, not us.
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    compiled_static = model.generate(prompt, cache_implementation="static", **settings)
+    assert torch.equal(compiled_static, dynamic_eager)

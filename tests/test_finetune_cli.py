@@ -103,3 +103,30 @@ def test_resume_from_another_models_checkpoint_names_the_tensor(checkpoint, text
     assert error[-1].startswith(f"acx-rt finetune: error: --resume_from_checkpoint {saved} is from another model: ")
     assert " has shape [" in error[-1] and " there and [" in error[-1] and not any("Traceback" in line for line in error)
     assert not (output / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hub_strategy", "checkpoint"], "--hub_strategy checkpoint is not supported: --push_to_hub uploads the finished model once"),
+        (["--use_lora"], "--push_to_hub with --use_lora needs --merge_lora"),
+        (["--hub_model_id", "not a/valid id"], "--hub_model_id 'not a/valid id' is not a valid repo id"),
+        (["--no-token"], "--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`"),
+        (["--do_eval"], "--push_to_hub needs --do_train"),
+    ],
+    ids=["checkpoint strategy", "lora without merge", "bad repo id", "no token", "evaluation only"],
+)
+def test_push_settings_that_cannot_be_honoured_are_refused_before_any_work(checkpoint, text_file, tmp_path, capsys,
+                                                                            monkeypatch, flags, message):
+    """--push_to_hub goes through acx-rt's own push at the end of the run (Trainer never pushes): what that push
+    cannot do is refused before anything is loaded or written."""
+    if flags == ["--no-token"]:
+        flags = []
+        monkeypatch.delenv("HF_TOKEN", raising=False)  # conftest's HF_HOME holds no stored token
+    else:
+        monkeypatch.setenv("HF_TOKEN", "hf_some_token")
+    output = tmp_path / "out"
+    status = main(["--model_name_or_path", checkpoint, "--train_file", text_file, "--output_dir", str(output),
+                   "--push_to_hub", *flags, *QUIET])
+    assert_one_error_line(capsys, status, message)
+    assert not output.exists()

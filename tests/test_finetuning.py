@@ -113,10 +113,10 @@ def test_chat_without_a_prompt_before_the_assistant_is_rejected():
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_packed_text_run_writes_model_metrics_and_card(kind, request, tiny_shakespeare, tmp_path):
+def test_packed_text_run_writes_model_metrics_and_card(kind, request, text_corpus, tmp_path):
     checkpoint = request.getfixturevalue(f"{kind}_checkpoint")
-    text = tmp_path / "shakespeare.txt"
-    text.write_text(tiny_shakespeare.read_text()[:6000])
+    text = tmp_path / "corpus.txt"
+    text.write_text(text_corpus.read_text()[:6000])
     output = tmp_path / "out"
     assert finetune(
         "--model_name_or_path", checkpoint, "--train_file", text, "--validation_split_percentage", 10,

@@ -8,6 +8,7 @@ emulator; the fresh process that pulls gets HF_ENDPOINT in its environment inste
 """
 
 import itertools
+import re
 import json
 import math
 import os
@@ -249,6 +250,13 @@ def broken_run(base_run, tmp_path):
     return run
 
 
+def link_outside(run, name):
+    """Replace `run/name` by a symbolic link to the same file moved out of the directory."""
+    outside = run.parent / f"outside-{name}"
+    shutil.move(run / name, outside)
+    (run / name).symlink_to(outside)
+
+
 def save_weights_of(config, directory):
     RamanujanForCausalLM(config).save_pretrained(directory / "other")
     shutil.move(directory / "other" / "model.safetensors", directory / "model.safetensors")
@@ -284,7 +292,12 @@ BAD_INPUTS = {
     "missing shard": (drop_shard, "test-user/x", "index.json names shard(s) that are missing: model-0000"),
     "missing code file": (lambda run: (run / "initialization_ramanujan.py").unlink(), "test-user/x", "lacks the code file initialization_ramanujan.py"),
     "no tokenizer": (lambda run: (run / "tokenizer_config.json").unlink(), "test-user/x", "has no tokenizer_config.json"),
-    "no card": (lambda run: (run / "README.md").unlink(), "test-user/x", "has no model card (README.md)"),
+    "invalid card": (lambda run: (run / "README.md").write_text("---\n- not: a mapping\n---\ntext\n"), "test-user/x",
+                     "README.md is not a valid model card"),
+    "weights linked from outside": (lambda run: link_outside(run, "model.safetensors"), "test-user/x",
+                                    "model.safetensors is a link to "),
+    "include outside the dir": (lambda run: None, ["test-user/x", "--include", "../secret.txt"], "--include ../secret.txt: give a path"),
+    "include a missing file": (lambda run: None, ["test-user/x", "--include", "notes.txt"], "notes.txt is not a file in"),
     "tokenizer larger than the vocabulary": (lambda run: use_bpe_tokenizer(run, 280), "test-user/x",
                                              "has 280 tokens, more than the model's vocab_size 259"),
 }
@@ -296,7 +309,7 @@ def test_hub_push_bad_input_fails_before_any_request(hub, broken_run, case, caps
     break_run(broken_run)
     capsys.readouterr()  # drop the progress bars of breaking the run
     requests_before = len(hub.requests)
-    assert acx_rt(["push", str(broken_run), repo_id]) == 1
+    assert acx_rt(["push", str(broken_run), *([repo_id] if isinstance(repo_id, str) else repo_id)]) == 1
     message = capsys.readouterr().err
     assert expected in message, message
     assert message.startswith("acx-rt push: ") and len(message.strip().splitlines()) == 1
@@ -368,3 +381,165 @@ def test_hub_card_for_moe_and_for_a_run_that_recorded_nothing(tmp_path):
     assert rows[0][7] == "—" and float(rows[1][7]) == pytest.approx(config.initializer_range)  # router std, MoE layer only
     # xavier: √(2 / (fan_in + fan_out)) for the expert up-projection (hidden → moe_intermediate_size)
     assert float(rows[1][5]) == pytest.approx(math.sqrt(2 / (config.hidden_size + config.moe_intermediate_size)), rel=1e-3)
+
+
+MODEL_REPO_FILES = {"config.json", "generation_config.json", "model.safetensors", "configuration_ramanujan.py",
+                    "modeling_ramanujan.py", "initialization_ramanujan.py", "tokenization_ramanujan.py",
+                    "tokenizer_config.json", "added_tokens.json", "chat_template.jinja", "README.md"}
+
+
+def litter(run):
+    """What else lies in a real output dir, or ends up there: none of it belongs in a model repository."""
+    (run / ".env.json").write_text('{"HF_TOKEN": "hf_from_a_dotenv"}')
+    (run / "notes.txt").write_text("private notes")
+    (run / "metrics.json").write_text("{}")
+    (run / ".model.partial.safetensors").write_bytes(b"half a file")
+    (run / "training_args.bin").write_bytes(b"a pickle")
+    (run / "checkpoint-1").mkdir()
+    (run / "checkpoint-1" / "config.json").write_text("{}")
+    outside = run.parent / "elsewhere.json"
+    outside.write_text('{"secret": "outside the run"}')
+    (run / "linked.json").symlink_to(outside)
+    (run / "eval_results.json").write_text(json.dumps({"eval_loss": 5.4}))
+
+
+def test_hub_push_uploads_only_model_files_and_named_includes(hub, broken_run, capsys):
+    litter(broken_run)
+    assert acx_rt(["push", str(broken_run), "test-user/tidy", "--include", "notes.txt"]) == 0
+    repo = hub.repos["test-user/tidy"]
+    files = set(repo.commits[repo.branches["main"]].files)
+    assert files == MODEL_REPO_FILES | {"eval_results.json", "notes.txt", ".gitattributes"}
+    listed = capsys.readouterr().out
+    for name in MODEL_REPO_FILES | {"eval_results.json", "notes.txt"}:
+        assert f"  {name} (" in listed, name
+
+
+def test_hub_push_never_follows_a_link_out_of_the_directory(hub, broken_run, capsys):
+    (broken_run.parent / "secret.txt").write_text("outside")
+    (broken_run / "secret.txt").symlink_to(broken_run.parent / "secret.txt")
+    requests_before = len(hub.requests)
+    assert acx_rt(["push", str(broken_run), "test-user/linked", "--include", "secret.txt"]) == 1
+    message = capsys.readouterr().err
+    assert "secret.txt is a link to " in message and len(message.strip().splitlines()) == 1
+    assert len(hub.requests) == requests_before
+
+
+def test_hub_push_dry_run_lists_the_files_and_sends_nothing(hub, broken_run, monkeypatch, capsys):
+    litter(broken_run)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any request would now fail
+    monkeypatch.delenv("HF_TOKEN")
+    requests_before = len(hub.requests)
+    assert acx_rt(["push", str(broken_run), "test-user/dry", "--dry_run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"would upload {len(MODEL_REPO_FILES) + 1} files for test-user/dry:"
+    assert {line.split(" (")[0].strip() for line in out[1:]} == MODEL_REPO_FILES | {"eval_results.json"}
+    assert len(hub.requests) == requests_before and "test-user/dry" not in hub.repos
+
+
+def test_hub_push_in_offline_mode_is_one_line(hub, base_run, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    requests_before = len(hub.requests)
+    assert acx_rt(["push", str(base_run), "test-user/offline"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("acx-rt push: HF_HUB_OFFLINE is set") and len(message.strip().splitlines()) == 1
+    assert len(hub.requests) == requests_before
+
+
+def test_hub_failed_commit_deletes_the_repo_this_push_created(hub, base_run, capsys):
+    hub.fail_next_commit()
+    assert acx_rt(["push", str(base_run), "test-user/failed-first"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "the emulator refuses this commit" in message[0], message
+    assert "deleted the repository test-user/failed-first this push had created" in message[0]
+    assert "test-user/failed-first" not in hub.repos
+
+
+def test_hub_failed_commit_keeps_a_repo_that_existed(hub, base_run, tmp_path, capsys):
+    assert acx_rt(["push", str(base_run), "test-user/failed-later"]) == 0
+    repo = hub.repos["test-user/failed-later"]
+    head = repo.branches["main"]
+    second_run = save_run(tmp_path / "v2", tiny_config(), seed=1)  # other weights: the client has something to commit
+    capsys.readouterr()  # drop the progress bars of saving it
+    hub.fail_next_commit()
+    assert acx_rt(["push", str(second_run), "test-user/failed-later"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "the emulator refuses this commit" in message[0] and "delete" not in message[0]
+    assert hub.commit_failure is None  # the commit was attempted
+    assert hub.repos["test-user/failed-later"] is repo and repo.branches["main"] == head
+
+
+def test_hub_push_writes_a_card_for_a_folder_without_one(hub, broken_run, capsys):
+    (broken_run / "README.md").unlink()
+    (broken_run / "eval_results.json").write_text(json.dumps({"eval_loss": 1.5, "perplexity": math.exp(1.5), "epoch": 1.0}))
+    before = {path.name: path.read_bytes() for path in broken_run.iterdir()}
+    assert acx_rt(["push", str(broken_run), "test-user/carded"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if "has no README.md" in line]) == 1
+    repo = hub.repos["test-user/carded"]
+    card = ModelCard(repo.commits[repo.branches["main"]].files["README.md"].decode())
+    assert {result.metric_type: result.metric_value for result in card.data.eval_results} == {"loss": 1.5, "perplexity": math.exp(1.5)}
+    assert 'model_id = "test-user/carded"' in card.text
+    assert {path.name: path.read_bytes() for path in broken_run.iterdir()} == before  # the directory is left as it was
+
+
+def test_hub_push_card_without_results_says_so_and_a_written_card_is_kept(hub, broken_run):
+    written = (broken_run / "README.md").read_bytes()
+    push_to_hub(broken_run, "test-user/own-card")
+    repo = hub.repos["test-user/own-card"]
+    assert repo.commits[repo.branches["main"]].files["README.md"] == written
+    (broken_run / "README.md").unlink()
+    push_to_hub(broken_run, "test-user/own-card")
+    card = ModelCard(repo.commits[repo.branches["main"]].files["README.md"].decode())
+    assert card.data.eval_results is None and "No evaluation results were recorded" in card.text
+
+
+@pytest.mark.parametrize("config", [tiny_config(), tiny_moe_config(), tiny_config(architectures=["RamanujanForSequenceClassification"])],
+                         ids=["dense", "moe", "classifier"])
+def test_hub_cards_link_only_to_pages_that_exist(tmp_path, config):
+    """The package is not on PyPI: no card links there or tells anyone to `pip install` it by name."""
+    text = write_model_card(tmp_path, config, eval_results={}, training={}, base_model="test-user/tiny-base").read_text()
+    assert re.findall(r"https?://[^\s)\"'>`]+", text) == ["https://huggingface.co/test-user/tiny-base"]
+    assert "pip install acx-ramanujan-transformer" not in text
+
+
+FINETUNE = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--block_size", "16",
+            "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--push_to_hub"]
+
+
+@pytest.mark.parametrize("given_as", ["flag", "environment"])
+def test_hub_finetune_push_never_writes_or_uploads_the_token(hub, base_run, tmp_path, monkeypatch, capsys, caplog, given_as):
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))
+    output = tmp_path / "out"
+    token_flag = ["--hub_token", TOKEN] if given_as == "flag" else []
+    if given_as == "flag":
+        monkeypatch.delenv("HF_TOKEN")
+    status = acx_rt(["finetune", "--model_name_or_path", str(base_run), "--train_file", str(data), "--output_dir",
+                     str(output), *token_flag, *FINETUNE, "--hub_model_id", f"test-user/finetuned-{given_as}"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    written = [path for path in output.rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in written) and (output / "checkpoint-2").is_dir()
+    for path in written:
+        assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in captured.out + captured.err + caplog.text
+    repo = hub.repos[f"test-user/finetuned-{given_as}"]
+    assert len(repo.commits) == 2  # the repo's initial commit and one push of the finished run
+    files = repo.commits[repo.branches["main"]].files
+    assert set(files) == MODEL_REPO_FILES | {"eval_results.json", "all_results.json", ".gitattributes"}
+    assert all(TOKEN.encode() not in content for content in files.values())
+    assert all(TOKEN.encode() not in body for body in hub.bodies)
+    assert "ramanujan-init" in files["README.md"].decode() or "ramanujan" in ModelCard(files["README.md"].decode()).data.tags
+
+
+def test_hub_finetune_with_lora_pushes_the_merged_model(hub, base_run, tmp_path, capsys):
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))
+    output = tmp_path / "out"
+    status = acx_rt(["finetune", "--model_name_or_path", str(base_run), "--train_file", str(data), "--output_dir", str(output),
+                     "--use_lora", "--lora_r", "4", "--merge_lora", *FINETUNE, "--hub_model_id", "test-user/merged"])
+    assert status == 0, capsys.readouterr().err
+    repo = hub.repos["test-user/merged"]
+    files = repo.commits[repo.branches["main"]].files
+    assert set(files) == MODEL_REPO_FILES | {".gitattributes"}  # no adapter files, no results files (they stay beside the adapter)
+    assert files["model.safetensors"] == (output / "merged" / "model.safetensors").read_bytes()

@@ -1,6 +1,9 @@
 """The decoder behaves like a model that ships inside Transformers: shapes, cache, masks, save/load, MoE routing."""
 
+import inspect
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from conftest import run_without_package, tiny_config, tiny_moe_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from acx_ramanujan import RamanujanForCausalLM, RamanujanForSequenceClassification, RamanujanModel
-from acx_ramanujan.modeling_ramanujan import expert_load, load_balancing_loss, router_z_loss
+from acx_ramanujan.modeling_ramanujan import CACHE_NAME, expert_load, load_balancing_loss, router_z_loss
 
 CONFIGS = {"dense": tiny_config, "moe": tiny_moe_config}
 
@@ -58,12 +61,77 @@ def test_llama_module_names():
         assert expected in names, expected
 
 
+PLAN_SHAPES = {  # each config's plans may name only modules that config builds
+    "dense": ("dense", {}),
+    "dense-tied": ("dense", {"tie_word_embeddings": True}),
+    "moe": ("moe", {}),
+    "moe-shared-dense-first": ("moe", {"num_shared_experts": 1, "first_k_dense_layers": 1}),
+}
+
+
+@pytest.mark.parametrize("shape", PLAN_SHAPES)
+def test_parallel_plans_name_modules_that_exist(shape):
+    """Every tensor-, expert- and pipeline-parallel rule names a module or parameter of the built model and a style
+    Transformers knows; the embedding is split like the head it may be tied to; experts get an expert plan."""
+    import re
+
+    from transformers.distributed import expert_parallel, tensor_parallel  # noqa: F401  (they register the styles)
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    kind, overrides = PLAN_SHAPES[shape]
+    model = build(kind, **overrides)
+    names = {name for name, _ in model.named_modules()}
+    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    plans = {"tp": model.tp_plan, "ep": model.ep_plan or {}, "pp": model.pp_plan}
+    assert plans["tp"]["model.embed_tokens"] == "embedding_rowwise" and "lm_head" in plans["tp"]
+    assert ("model.layers.*.mlp.experts" in plans["ep"]) == (kind == "moe")
+    for plan_kind, plan in plans.items():
+        for key, style in plan.items():
+            pattern = re.compile(re.escape(key).replace(r"\*", r"\d+"))
+            assert any(pattern.fullmatch(name) for name in names), f"{plan_kind} plan rule {key!r} matches no module"
+            if plan_kind != "pp":
+                assert style in ALL_PARALLEL_STYLES, f"{plan_kind} plan style {style!r} of {key!r} is unknown"
+    layer_inputs = plans["pp"]["model.layers"][0]
+    assert set(layer_inputs) <= set(inspect.signature(model.model.layers[0].forward).parameters)
+
+
 def test_token_id_out_of_range_is_named():
     model = build()
     with pytest.raises(ValueError, match=r"token id 300 .*vocab_size=259"):
         model(torch.tensor([[1, 2, 300]]))
     with pytest.raises(ValueError, match=r"token id -1"):
         model(torch.tensor([[1, -1]]))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resized_embeddings_take_new_ids(tied):
+    """After resize_token_embeddings the new ids run through forward, loss and generate; the next id past is named."""
+    model = build(tie_word_embeddings=tied)
+    model.resize_token_embeddings(300)
+    new_id = torch.tensor([[1, 2, 299]])
+    out = model(new_id, labels=new_id)
+    assert out.logits.shape == (1, 3, 300) and torch.isfinite(out.loss)
+    assert model.generate(new_id, max_new_tokens=2, do_sample=False, pad_token_id=256).shape == (1, 5)
+    with pytest.raises(ValueError, match=r"token id 300 .*vocab_size=300"):
+        model(torch.tensor([[1, 300]]))
+
+
+def test_id_range_check_skips_decode_steps_on_accelerators():
+    """The range check reads the ids back to the host (a sync on an accelerator). On CPU it always runs (free); on
+    any other device it runs unless the pass extends a filled cache (a decode step). A CPU machine cannot run an
+    accelerator, so this drives the policy with meta tensors, which have a device but no values to read: reading one
+    raises, so "no error" proves the check did not read."""
+    from acx_ramanujan.modeling_ramanujan import check_ids_in_range
+
+    model = build()
+    filled = getattr(model(random_ids(1, 3), use_cache=True), CACHE_NAME)
+    on_accelerator = torch.zeros(1, 1, dtype=torch.long, device="meta")
+    check_ids_in_range(on_accelerator, 259, "token id", filled)  # decode step: not read
+    for cache in (None, type(filled)(config=model.config)):  # no cache (training), or an empty one (prefill): read
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            check_ids_in_range(on_accelerator, 259, "token id", cache)
+    with pytest.raises(ValueError, match="token id 300"):  # CPU: checked even when extending a cache
+        check_ids_in_range(torch.tensor([[300]]), 259, "token id", filled)
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -90,9 +158,11 @@ def test_causal_lm_loss_is_shifted_cross_entropy():
     assert out.aux_loss is None
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_cached_and_uncached_greedy_generation_match(kind):
+def test_cached_and_uncached_greedy_generation_match(kind, attention):
     model = build(kind)
+    model.set_attn_implementation(attention)
     prompt = random_ids(2, 5)
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=256)
     uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=256)
@@ -103,6 +173,49 @@ def test_cached_and_uncached_greedy_generation_match(kind):
         next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
         sequence = torch.cat([sequence, next_token], dim=1)
     assert torch.equal(sequence, cached[:1])
+
+
+def deprecation_messages(call) -> list[str]:
+    """The FutureWarnings and Transformers log records mentioning deprecation that `call()` emits."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # Transformers warns once per process; start afresh
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FutureWarning)
+            call()
+    finally:
+        transformers_logger.removeHandler(handler)
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    return messages + [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_is_taken_under_both_names_and_warns_as_llama_does(name):
+    """Transformers 5.24 passes the KV cache as `cache=`, earlier 5.x releases as `past_key_values=`: both names extend
+    the cache (same logits as one full pass). generate() warns about nothing on any release; an explicit
+    `past_key_values=` warns exactly when Llama on the installed release warns (5.24+: it is deprecated there)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = build()
+    ids = random_ids(2, 7)
+    full = model(ids).logits
+    prefix = model(ids[:, :4], use_cache=True)
+    cache = getattr(prefix, CACHE_NAME)
+    steps = []
+    ours = deprecation_messages(lambda: steps.append(model(ids[:, 4:], **{name: cache})))
+    torch.testing.assert_close(steps[0].logits, full[:, 4:], rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 7
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()
+    llama_cache = getattr(llama(ids[:, :4], use_cache=True), CACHE_NAME)
+    llamas = deprecation_messages(lambda: llama(ids[:, 4:], **{name: llama_cache}))
+    assert bool(ours) == bool(llamas), (ours, llamas)
+    assert deprecation_messages(lambda: model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=256)) == []
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -240,6 +353,41 @@ assert torch.equal(model(expected["ids"]).logits, expected["logits"])
     )
 
 
+def test_every_head_loads_by_remote_code_whichever_head_saved(tmp_path):
+    """config.json's auto_map names all heads, so a causal-LM checkpoint loads as a classifier or a base model (and a
+    classifier checkpoint as a causal LM) with trust_remote_code, in a process where our package cannot be imported."""
+    import json
+
+    model = build()
+    lm_dir, classifier_dir = tmp_path / "causal_lm", tmp_path / "classifier"
+    model.save_pretrained(lm_dir)
+    RamanujanForSequenceClassification(tiny_config(num_labels=3)).save_pretrained(classifier_dir)
+    heads = {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    for directory in (lm_dir, classifier_dir):
+        assert set(json.loads((directory / "config.json").read_text())["auto_map"]) == heads
+    ids = random_ids()
+    torch.save({"ids": ids, "hidden": model.model(ids).last_hidden_state}, tmp_path / "expected.pt")
+    run_without_package(
+        f"""
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+torch.set_num_threads(1)
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+classifier = AutoModelForSequenceClassification.from_pretrained({str(lm_dir)!r}, trust_remote_code=True, num_labels=3)
+assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+assert type(classifier).__name__ == "RamanujanForSequenceClassification", type(classifier)
+classifier.eval()
+assert torch.equal(classifier.model(expected["ids"]).last_hidden_state, expected["hidden"])
+assert classifier(expected["ids"]).logits.shape == (2, 3)
+base = AutoModel.from_pretrained({str(lm_dir)!r}, trust_remote_code=True).eval()
+assert torch.equal(base(expected["ids"]).last_hidden_state, expected["hidden"])
+causal_lm = AutoModelForCausalLM.from_pretrained({str(classifier_dir)!r}, trust_remote_code=True)
+assert type(causal_lm).__name__ == "RamanujanForCausalLM", type(causal_lm)
+""",
+        cwd=tmp_path,
+    )
+
+
 def test_sequence_classification_pools_last_non_pad_token():
     torch.manual_seed(0)
     model = RamanujanForSequenceClassification(tiny_config(num_labels=3)).eval()
@@ -331,15 +479,72 @@ def test_expert_load_counts_assignments():
     assert load.tolist() == [[0.5, 0.25, 0.25]]
 
 
-def test_moe_loss_includes_aux_terms():
+def test_moe_losses_have_qwen3_moe_meaning_and_the_old_total():
+    """aux_loss is the raw balance loss and z_loss the raw z-loss (Qwen3-MoE / Mixtral meaning); the total `loss`
+    is bit-for-bit the formula used before the split: lm + (aux_coef·balance + z_coef·z)."""
     model = build("moe", router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
     ids = random_ids()
-    out = model(ids, labels=ids, output_router_logits=True)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
     assert len(out.router_logits) == model.config.num_hidden_layers
-    expected_aux = 0.5 * load_balancing_loss(out.router_logits, 2) + 0.25 * router_z_loss(out.router_logits)
-    torch.testing.assert_close(out.aux_loss, expected_aux)
-    lm_only = F.cross_entropy(out.logits[:, :-1].reshape(-1, 259), ids[:, 1:].reshape(-1))
-    assert out.loss.item() == pytest.approx(lm_only.item() + expected_aux.item(), rel=1e-5)
+    balance = load_balancing_loss(out.router_logits, 2, mask)
+    z = router_z_loss(out.router_logits, mask)
+    assert torch.equal(out.aux_loss, balance) and torch.equal(out.z_loss, z)
+    lm_only = model.loss_function(logits=out.logits, labels=ids, vocab_size=259)
+    assert torch.equal(out.loss, lm_only + (0.5 * balance + 0.25 * z))  # the pre-split formula, exactly
+    assert out.loss.item() == pytest.approx(lm_only.item() + 0.5 * balance.item() + 0.25 * z.item(), rel=1e-6)
     # without labels or the flag, no router work is returned
     plain = model(ids)
-    assert plain.aux_loss is None and plain.router_logits is None
+    assert plain.aux_loss is None and plain.z_loss is None and plain.router_logits is None
+
+
+def test_moe_all_padding_batch_gives_a_finite_loss():
+    model = build("moe")
+    ids = random_ids(2, 6)
+    out = model(ids, attention_mask=torch.zeros_like(ids), labels=ids)
+    assert torch.isfinite(out.loss) and out.aux_loss == 0 and out.z_loss == 0
+
+
+# ---------------------------------------------------------------- bad input through the Python API
+
+
+# name: (forward's arguments, built from good ids of shape (2, 7); the error message expected)
+BAD_INPUTS = {
+    "mask-length": (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(2, 5, dtype=torch.long)),
+                    r"attention_mask has shape \(2, 5\).*\(2, 7\)"),
+    "mask-batch": (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(1, 7, dtype=torch.long)),
+                   r"attention_mask has shape \(1, 7\)"),
+    "empty-batch": (lambda ids: dict(input_ids=ids[:0]), r"input_ids is empty \(shape \(0, 7\)\)"),
+    "empty-prompt": (lambda ids: dict(input_ids=ids[:, :0]), r"input_ids is empty \(shape \(2, 0\)\)"),
+    "float-ids": (lambda ids: dict(input_ids=ids.float()),
+                  r"input_ids must hold integer token ids, got dtype torch.float32"),
+    "1d-ids": (lambda ids: dict(input_ids=ids[0]),
+               r"input_ids must have the axes \(batch, sequence\), got shape \(7,\)"),
+    "label-high": (lambda ids: dict(input_ids=ids, labels=torch.full_like(ids, 259)),
+                   r"label 259 is outside the vocabulary .*or -100 to ignore"),
+    "label-negative": (lambda ids: dict(input_ids=ids, labels=torch.full_like(ids, -5)),
+                       r"label -5 is outside the vocabulary"),
+    "float-labels": (lambda ids: dict(input_ids=ids, labels=ids.float()), r"labels must hold integer token ids"),
+    "label-shape": (lambda ids: dict(input_ids=ids, labels=ids[:, :3]), r"labels have shape \(2, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_python_input_is_one_clear_value_error(case):
+    arguments, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        build()(**arguments(random_ids(2, 7)))
+
+
+def test_attention_mask_after_cached_tokens_must_cover_them():
+    model = build()
+    ids = random_ids(2, 7)
+    cache = getattr(model(ids[:, :4], use_cache=True), CACHE_NAME)
+    with pytest.raises(ValueError, match=r"after 4 cached tokens.*\(2, 7\)"):
+        model(ids[:, 4:], attention_mask=torch.ones(2, 3, dtype=torch.long), cache=cache)
+    # the right shape still works and -100 labels are allowed
+    model(ids[:, 4:], attention_mask=torch.ones(2, 7, dtype=torch.long), cache=cache)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    assert torch.isfinite(model(ids, labels=labels).loss)

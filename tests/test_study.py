@@ -110,8 +110,8 @@ def test_gradient_norms_are_per_layer_norms_of_the_lm_loss_gradient():
     assert norms[1] == pytest.approx(expected, rel=1e-5)
 
 
-def test_verify_cli_writes_reports(tmp_path, tiny_shakespeare):
-    argv = ["--depth", "3", "--schemes", "ramanujan,xavier", "--hidden_size", "32", "--text_file", str(tiny_shakespeare),
+def test_verify_cli_writes_reports(tmp_path, text_corpus):
+    argv = ["--depth", "3", "--schemes", "ramanujan,xavier", "--hidden_size", "32", "--text_file", str(text_corpus),
             "--batch_size", "2", "--seq_len", "16", "--chain_width", "32", "--chain_batch", "8", "--output_dir", str(tmp_path)]
     assert verify.main(argv) == 0
     report = json.loads((tmp_path / "verify.json").read_text())

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..modeling_ramanujan import RamanujanForCausalLM
+from ..saved_files import check_saved_weights
 from ..tokenization_ramanujan import RamanujanByteTokenizer
 from .probes import attention_maps, expert_load_per_layer, layer_gradients, residual_stream
 from .reporting import save_figure
@@ -40,6 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load(checkpoint: Path):
     """Model (eager attention, eval mode) and tokenizer; any loading failure becomes a ValueError naming the folder."""
     try:
+        check_saved_weights(checkpoint)  # a damaged file or NaN weights: one line, instead of a traceback or empty plots
         model = RamanujanForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
         has_tokenizer = (checkpoint / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(checkpoint) if has_tokenizer else RamanujanByteTokenizer()

@@ -1,0 +1,54 @@
+"""benchmarks/gpu_check.sh: every part that a CPU can run, run here, so the first GPU session is not lost to a typo."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from acx_ramanujan import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attention_backends_agree_on_real_tokens():
+    results = gpu_check.attention_backends("cpu", torch.float32)
+    for kind in ("dense", "moe"):
+        assert results[f"{kind}/sdpa"]["max_abs_logit_diff"] < 1e-5
+        assert results[f"{kind}/sdpa"]["max_rel_grad_diff"] < 1e-4
+
+
+def test_bf16_training_tracks_fp32():
+    results = gpu_check.bf16_training("cpu", steps=3)
+    assert results["all_finite"] and results["max_loss_gap"] < 0.05
+
+
+def test_static_compiled_generation_equals_dynamic_eager():
+    """The hardest path (MoE dispatch inside a fullgraph compile); the dense and Llama runs share its code."""
+    results = gpu_check.static_compiled_generation("cpu", new_tokens=4, repeats=1, kinds=("moe",))
+    assert results["moe"].get("tokens_equal") is True, results
+
+
+def test_fsdp2_step_equals_the_plain_step():
+    results = gpu_check.fsdp_step("cpu")
+    for kind in ("dense", "moe"):
+        assert results[kind]["parameters_are_dtensors"]
+        assert results[kind]["loss"]["plain"] == pytest.approx(results[kind]["loss"]["fsdp"], abs=1e-6)
+        assert results[kind]["max_weight_diff_after_step"] < 1e-6
+
+
+def test_training_throughput_reports_both_models():
+    results = gpu_check.training_throughput("cpu", width=64, layers=1, context=16, batch=2, repeats=1)
+    for name in ("ours", "llama"):
+        assert results[name]["tokens_per_s"] > 0 and 0 < results[name]["mfu_vs_measured_peak"]
+
+
+def test_cuda_request_without_cuda_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_launcher_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
