@@ -10,7 +10,7 @@ A `checkpoint-STEP` folder holds exactly (one process, DDP):
 
 torch.save writes pickles, and unpickling can run arbitrary code. So a resume refuses a folder holding any other
 file, and opens every pickle first with `torch.load(weights_only=True)` (through `accelerate.utils.load`, which
-adds only NumPy's RNG-state types): tensors, numbers, strings and containers load, anything else is refused with
+also allows the NumPy arrays and dtypes of the RNG states): tensors, numbers, strings and containers load, anything else is refused with
 the file named. Accelerate then loads them the same way (`load_kwargs={"weights_only": True}`). Our own state is
 not registered with `register_for_checkpointing`: Accelerate would pickle it and read it back with
 `weights_only=False` (`load_custom_state`). Under FSDP and DeepSpeed the sharded states are read by those engines'

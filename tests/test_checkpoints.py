@@ -104,12 +104,18 @@ def test_a_finished_run_resumed_trains_no_further(tmp_path, corpus, finished_run
     assert_one_line_error(capsys.readouterr().err, "is at step 6, past --max_train_steps 5")
 
 
-def test_unexpected_files_in_a_checkpoint_are_refused(tmp_path, corpus, finished_run, capsys):
+@pytest.mark.parametrize("name, content, message", [
+    ("pytorch_model.bin", b"not ours", "unexpected file pytorch_model.bin"),
+    ("training_state.json", b'{"completed_steps": "3"}', "completed_steps='3' is not a valid"),
+    ("model.safetensors", b"garbage", "model.safetensors is not a readable safetensors file"),
+])
+def test_unexpected_or_damaged_files_in_a_checkpoint_are_refused(tmp_path, corpus, finished_run, capsys, name,
+                                                                 content, message):
     checkpoint = shutil.copytree(finished_run / "checkpoint-3", tmp_path / "checkpoint-3")
-    (checkpoint / "pytorch_model.bin").write_bytes(b"not ours")
+    (checkpoint / name).write_bytes(content)
     args = train_args(corpus, tmp_path / "out", "--max_train_steps", "6", "--resume_from_checkpoint", str(checkpoint))
     assert pretraining.main(args) == 2
-    assert_one_line_error(capsys.readouterr().err, "unexpected file pytorch_model.bin")
+    assert_one_line_error(capsys.readouterr().err, message)
 
 
 def limit_file_size(limit: int):
