@@ -9,13 +9,18 @@ When no validation data is given, the validation split is the tail of the text, 
 boundary at or after that character count, so no line is split.
 """
 
+import codecs
 import io
+import json
 from itertools import accumulate
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Value
+from datasets.exceptions import DatasetGenerationError
 from pydoc_data.topics import topics
+
+from .saved_files import first_line
 
 # File suffix -> `datasets` packaged builder.
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -70,11 +75,87 @@ def _check_files(paths: list[str], role: str) -> str:
     return suffixes.pop()
 
 
-def _load_files(paths: list[str], role: str) -> Dataset:
+def _load_files(paths: list[str], role: str, text_column: str) -> Dataset:
     builder = _check_files(paths, role)
     # Text lines keep their "\n" so that packing the rows back to back restores the file byte for byte.
     options = {"keep_linebreaks": True} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files={"train": list(paths)}, split="train", **options)
+    try:
+        dataset = datasets.load_dataset(builder, data_files={"train": list(paths)}, split="train", **options)
+    except (DatasetGenerationError, ValueError) as error:  # ValueError: pandas/pyarrow parse errors seen directly
+        # `datasets` says only that generation failed; find the file and the byte or line ourselves.
+        raise ValueError(_find_bad_row(paths, builder, text_column) or
+                         f"{role} file(s) {', '.join(paths)}: {first_line(error.__cause__ or error)}") from None
+    if text_column in dataset.column_names and not _holds_text(dataset, text_column):
+        raise ValueError(_find_bad_row(paths, builder, text_column) or
+                         f"{role} file(s) {', '.join(paths)}: column {text_column!r} holds "
+                         f"{dataset.features[text_column]}, not text")
+    return dataset
+
+
+def _holds_text(dataset: Dataset, text_column: str) -> bool:
+    feature = dataset.features[text_column]
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")
+
+
+def _find_bad_row(paths: list[str], builder: str, text_column: str) -> str | None:
+    """The first byte that is not UTF-8 (text, JSON, CSV), or the first JSON row that is not valid JSON or whose
+    text column holds something other than a string; None if nothing is found."""
+    for path in map(Path, paths):
+        problem = _utf8_problem(path) if builder in ("text", "json", "csv") else None
+        if problem is None and builder == "json":
+            problem = _json_problem(path, text_column)
+        if problem:
+            return f"{path}: {problem}"
+    return None
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """Where the file stops being UTF-8 (a binary file, or another encoding), read in 1 MiB pieces."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            start = offset - len(decoder.getstate()[0])  # bytes of a character split across pieces come first
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                return f"not UTF-8 text at byte {start + error.start} ({error.reason}); a binary file or another " \
+                       "encoding? convert it to UTF-8"
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _json_problem(path: Path, text_column: str) -> str | None:
+    """The first JSON Lines line (or item of a JSON array) that is not an object whose text column is a string."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        document = None
+    if isinstance(document, list):
+        rows = ((f"element [{index}]", item) for index, item in enumerate(document))
+    else:
+        rows = _json_lines(text)
+    for where, row in rows:
+        if isinstance(row, str):  # the line's parse error
+            return f"{where}: {row}"
+        if not isinstance(row, dict):
+            return f"{where} is not a JSON object"
+        value = row.get(text_column)
+        if value is not None and not isinstance(value, str):
+            return f"{where}: {text_column!r} is {json.dumps(value)[:40]}, not a string"
+    return None
+
+
+def _json_lines(text: str):
+    """(`line N`, parsed row) per non-blank line; a line that does not parse yields its error message instead."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                yield f"line {number}", f"not valid JSON ({error.msg} at column {error.colno})"
 
 
 def load_raw_datasets(
@@ -96,8 +177,8 @@ def load_raw_datasets(
         train = raw["train"]
         validation = raw["validation"] if "validation" in raw else None
     elif train_files:
-        train = _load_files(list(train_files), "train")
-        validation = _load_files([validation_file], "validation") if validation_file else None
+        train = _load_files(list(train_files), "train", text_column)
+        validation = _load_files([validation_file], "validation", text_column) if validation_file else None
     else:
         raise ValueError("no training data: pass train files or a dataset name")
     for split, dataset in (("train", train), ("validation", validation)):
@@ -106,6 +187,9 @@ def load_raw_datasets(
                 f"the {split} data has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
                 "set the text column"
             )
+        if dataset is not None and not _holds_text(dataset, text_column):
+            raise ValueError(f"the {split} data's column {text_column!r} holds {dataset.features[text_column]}, "
+                             "not text")
     if validation is None:
         return split_tail(train, validation_split_percentage, text_column)
     return DatasetDict(train=train, validation=validation)

@@ -21,23 +21,25 @@ import signal
 import sys
 import time
 import typing
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from huggingface_hub import get_token
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
-from transformers.utils import CONFIG_NAME
 
 from hub_cards import hardware_description, write_model_card
 
 from .atomic_files import write_json_atomically, write_text_atomically
+from .checkpoints import (BadCheckpoint, SaveFailed, TrainingState, check_resume_config, find_checkpoint,
+                          list_checkpoints, load_checkpoint, save_checkpoint)
 from .configuration_ramanujan import RamanujanConfig
 from .data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
 from .hub import push_to_hub
@@ -47,8 +49,8 @@ from .saved_files import first_line
 from .tokenization_ramanujan import RamanujanByteTokenizer
 
 PROG = "acx-rt train"
-CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_LOG = "metrics.jsonl"
+LOCK_NAME = ".train.lock"
 DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
 
 
@@ -183,11 +185,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuse to mix two runs in one folder (checked by every process before any of them writes)."""
+    """Refuse to mix two runs in one folder (checked by every process, with the lock held, before any writes)."""
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file")
-    holds_run = output_dir.is_dir() and any(output_dir.iterdir())
+    holds_run = output_dir.is_dir() and any(entry.name != LOCK_NAME for entry in output_dir.iterdir())
     if holds_run and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         raise ValueError(
             f"--output_dir {output_dir} is not empty (another run?); pass --overwrite_output_dir, "
@@ -195,41 +195,31 @@ def check_output_dir(args: argparse.Namespace) -> None:
         )
 
 
-def find_checkpoint(spec: str, output_dir: Path) -> Path:
-    """`latest` → the highest checkpoint-STEP in output_dir; otherwise the given directory."""
-    if spec == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise ValueError(f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}STEP folder in {output_dir}")
-        return checkpoints[-1]
-    path = Path(spec)
-    if not (path / "custom_checkpoint_0.pkl").is_file():
-        raise ValueError(f"--resume_from_checkpoint {spec}: not a checkpoint folder written by {PROG}")
-    return path
-
-
-def check_resume_config(resume_path: Path, config: RamanujanConfig) -> None:
-    """A checkpoint resumes the model it was saved from: name the config fields that differ (rather than fail later
-    inside Accelerate on a weight shape). Checkpoints without a saved config are left to Accelerate."""
-    saved_file = resume_path / CONFIG_NAME
-    if not saved_file.is_file():
-        return
-    saved, current = RamanujanConfig.from_json_file(str(saved_file)).to_dict(), config.to_dict()
-    bookkeeping = {"transformers_version", "architectures", "auto_map", "_name_or_path"}
-    differing = sorted(key for key in saved.keys() | current.keys()
-                       if key not in bookkeeping and saved.get(key) != current.get(key))
-    if differing:
-        details = "; ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now" for key in differing)
-        raise ValueError(f"--resume_from_checkpoint {resume_path}: the model config differs ({details}); "
-                         "resume with the same --config_name and --config_overrides")
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """checkpoint-STEP folders in output_dir, oldest first."""
-    pattern = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
-    found = [(int(m.group(1)), path) for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if path.is_dir() and (m := pattern.match(path.name))]
-    return [path for _, path in sorted(found)]
+@contextmanager
+def output_dir_lock(accelerator: Accelerator, output_dir: Path):
+    """One run per output dir: the main process holds an OS file lock (`filelock`) for the whole run, released when
+    the run ends or its process dies, even by kill -9. The other processes of the same launch learn the outcome
+    from it, so a refused launch stops on every process. A folder made here that is still empty at the end (bad
+    input found before training) is removed again."""
+    lock_file, refusal = output_dir / LOCK_NAME, None
+    lock, created = FileLock(lock_file, timeout=0), not output_dir.exists()
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Timeout:
+            refusal = f"--output_dir {output_dir} is in use by another {PROG} run (lock file {lock_file})"
+    [refusal] = broadcast_object_list([refusal])
+    if refusal:
+        raise ValueError(refusal)
+    try:
+        yield
+    finally:
+        if lock.is_locked:
+            if created and [entry.name for entry in output_dir.iterdir()] == [LOCK_NAME]:
+                lock_file.unlink()  # while still held: a run starting now finds the lock taken, or no folder
+                output_dir.rmdir()
+            lock.release()
 
 
 def load_tokenizer(name: str | None):
@@ -263,61 +253,30 @@ def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
 # ---------------------------------------------------------------------------------------------- training state
 
 
-@dataclass
-class Progress:
-    """What a checkpoint needs beyond model/optimizer/scheduler/RNG to resume exactly (saved by save_state)."""
-
-    completed_steps: int = 0
-    tokens_seen: int = 0
-    train_seconds: float = 0.0
-    blocks_per_step: int = 0  # global batch: the data position is completed_steps × this, so a resume must match
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
-
-
 class MetricsLog:
-    """`output_dir/metrics.jsonl`: one JSON object per logged step or evaluation (main process only)."""
+    """`output_dir/metrics.jsonl`: one JSON object per logged step or evaluation (main process only).
 
-    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None):
-        self.accelerator, self.path = accelerator, path
+    `records` counts the lines written; a checkpoint saves it, and a resume keeps only that many lines, dropping
+    what the interrupted run logged after its checkpoint (the resumed run logs it again).
+    """
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_records: int | None):
+        self.accelerator, self.path, self.records = accelerator, path, 0
         if accelerator.is_main_process:
             kept = []
-            if resume_step is not None and path.is_file():
-                # Drop what the interrupted run logged after its checkpoint: the resumed run logs it again.
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            write_text_atomically(path, "".join(line + "\n" for line in kept))
+            if resume_records is not None and path.is_file():
+                kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:resume_records]
+                kept = [line for line in kept if line.endswith("\n")]  # a line cut by a kill is dropped
+            write_text_atomically(path, "".join(kept))
+            self.records = len(kept)
 
     def log(self, step: int, values: dict) -> None:
         if self.accelerator.is_main_process:
             with self.path.open("a") as stream:
                 stream.write(json.dumps({"step": step, **values}) + "\n")
+            self.records += 1
         scalars = {name: value for name, value in values.items() if isinstance(value, (int, float))}
         self.accelerator.log(scalars, step=step)
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None,
-                    config: RamanujanConfig) -> Path:
-    """`accelerator.save_state` plus the model config into a temporary folder renamed to checkpoint-STEP; prune to
-    the newest N. The config lets a resume refuse a different model by name (`check_resume_config`)."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    partial = output_dir / f".{final.name}.partial"
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        config.to_json_file(partial / CONFIG_NAME)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if save_total_limit:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 @contextmanager
@@ -417,17 +376,27 @@ def compile_plugin() -> TorchDynamoPlugin:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        run = prepare(args)
-    except (ValueError, OSError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    return train(args, *run)
+    with ExitStack() as run_scope:  # holds the output dir's lock until the run ends
+        try:
+            check_args(args)
+            run = prepare(args, run_scope)
+        except (ValueError, OSError) as error:  # bad input, found before training starts
+            return fail(error, 2)
+        try:
+            return train(args, *run)
+        except BadCheckpoint as error:
+            return fail(error, 2)
+        except OSError as error:  # disk full or a file-size limit while writing (SaveFailed names the checkpoint)
+            return fail(error, 1)
 
 
-def prepare(args: argparse.Namespace):
-    """Everything that can fail on bad input: tokenizer, config, data; then the Accelerate objects."""
+def fail(error: Exception, exit_code: int) -> int:
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return exit_code
+
+
+def prepare(args: argparse.Namespace, run_scope: ExitStack):
+    """Everything that can fail on bad input: tokenizer, config, output dir, checkpoint, data; then Accelerate."""
     tokenizer = load_tokenizer(args.tokenizer_name)
     config = build_config(args, tokenizer)
     accelerator = Accelerator(
@@ -441,6 +410,9 @@ def prepare(args: argparse.Namespace):
         dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file")
+    run_scope.enter_context(output_dir_lock(accelerator, output_dir))
     check_output_dir(args)
     resume_path = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     if resume_path is not None:
@@ -456,12 +428,22 @@ def prepare(args: argparse.Namespace):
         blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
                                    num_proc=args.preprocessing_num_workers)
     if accelerator.is_main_process:
+        remove_leftovers(output_dir)
         if args.overwrite_output_dir and not resume_path:
             for stale in list_checkpoints(output_dir):
                 shutil.rmtree(stale)
-        output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return accelerator, tokenizer, config, blocks, resume_path
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Half-written folders and files of a run that was killed (`.checkpoint-N.partial`, `.final.partial`, ...):
+    with the lock held, no other run can be writing them."""
+    for leftover in [*output_dir.glob(".*.partial*"), *output_dir.glob(".*.deleting")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
 
 
 def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, blocks, resume_path: Path | None) -> int:
@@ -487,20 +469,21 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps))
     blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    progress = Progress(blocks_per_step=blocks_per_step)
-    accelerator.register_for_checkpointing(progress)
+    state = TrainingState(blocks_per_step=blocks_per_step)
 
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        if progress.blocks_per_step != blocks_per_step:
-            print(f"{PROG}: error: {resume_path} was trained with {progress.blocks_per_step} blocks per step, this "
-                  f"run takes {blocks_per_step} (per-device batch × accumulation × processes); resume with the "
-                  "same global batch", file=sys.stderr)
-            return 2
-        accelerator.print(f"Resumed from {resume_path} at step {progress.completed_steps}")
-    start_step = progress.completed_steps
+        state = load_checkpoint(accelerator, resume_path)
+        if state.blocks_per_step != blocks_per_step:
+            raise BadCheckpoint(f"{resume_path} was trained with {state.blocks_per_step} blocks per step, this run "
+                                f"takes {blocks_per_step} (per-device batch × accumulation × processes); resume with "
+                                "the same global batch")
+        if state.completed_steps > args.max_train_steps:
+            raise BadCheckpoint(f"{resume_path} is at step {state.completed_steps}, past --max_train_steps "
+                                f"{args.max_train_steps}")
+        accelerator.print(f"Resumed from {resume_path} at step {state.completed_steps}")
+    start_step = state.completed_steps
     start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
-    metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, start_step if resume_path else None)
+    metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, state.metrics_records if resume_path else None)
     if args.with_tracking:
         accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in hyperparameters(args, accelerator).items()})
@@ -510,10 +493,13 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
         f"{args.block_size} tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"
     )
+    step_loss = torch.zeros((), device=accelerator.device)
+    # A resumed run that had already finished its steps (killed while evaluating or saving, or simply run again)
+    # trains no further: it only finishes what was left, the final evaluation and save.
+    epochs = range(start_epoch, num_epochs) if start_step < args.max_train_steps else range(0)
     bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
-    eval_results, last_eval_step, step_loss = {}, None, torch.zeros((), device=accelerator.device)
-    with stop_requests(accelerator) as received:
-        for epoch in range(start_epoch, num_epochs):
+    with stop_requests(accelerator) as received, bar:
+        for epoch in epochs:
             train_dataloader.set_epoch(epoch)
             batches = train_dataloader
             if epoch == start_epoch and step_in_epoch:
@@ -532,10 +518,10 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                     continue
                 lr_scheduler.step()
                 seconds = time.perf_counter() - step_start
-                progress.completed_steps += 1
-                progress.tokens_seen += tokens_per_step
-                progress.train_seconds += seconds
-                step = progress.completed_steps
+                state.completed_steps += 1
+                state.tokens_seen += tokens_per_step
+                state.train_seconds += seconds
+                step = state.completed_steps
                 train_loss = accelerator.reduce(step_loss, reduction="mean").item()
                 step_loss.zero_()
                 lr = lr_scheduler.get_last_lr()[0]
@@ -544,14 +530,16 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
 
                 if args.eval_steps and step % args.eval_steps == 0:
-                    eval_results, last_eval_step = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config), step
-                    metrics_log.log(step, eval_results)
+                    state.eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
+                    state.last_eval_step = step
+                    metrics_log.log(step, state.eval_results)
                 every = steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
-                if every and step % every == 0:
-                    save_checkpoint(accelerator, output_dir, step, args.save_total_limit, config)
-                if accelerator.check_trigger():
-                    path = save_checkpoint(accelerator, output_dir, step, args.save_total_limit, config)
-                    bar.close()
+                stop = accelerator.check_trigger()
+                if (every and step % every == 0) or stop:
+                    state.metrics_records = metrics_log.records
+                    path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
+                if stop:
+                    bar.close()  # before the message below
                     signum = received[0] if received else signal.SIGTERM
                     accelerator.print(f"Stopped by {signal.Signals(signum).name}; resume with "
                                       f"--resume_from_checkpoint {path}")
@@ -560,18 +548,17 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                 if step >= args.max_train_steps:
                     break
                 step_start = time.perf_counter()
-            if progress.completed_steps >= args.max_train_steps:
+            if state.completed_steps >= args.max_train_steps:
                 break
-    bar.close()
 
-    if last_eval_step != progress.completed_steps:
-        eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
-        metrics_log.log(progress.completed_steps, eval_results)
-    save_final(args, accelerator, model, tokenizer, eval_results, progress)
+    if state.last_eval_step != state.completed_steps:
+        state.eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
+        metrics_log.log(state.completed_steps, state.eval_results)
+    save_final(args, accelerator, model, tokenizer, state)
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
         try:
-            push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {progress.completed_steps} steps",
+            push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {state.completed_steps} steps",
                         token=args.hub_token)
         except (ValueError, OSError) as error:
             print(f"{PROG}: error: the push to the Hub failed ({error}); the run is saved in {output_dir}",
@@ -580,35 +567,44 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
     return 0
 
 
-def save_final(args, accelerator: Accelerator, model, tokenizer, eval_results: dict, progress: Progress) -> None:
-    """Model (safetensors + remote code), tokenizer, results and model card, staged then moved into output_dir."""
+def save_final(args, accelerator: Accelerator, model, tokenizer, state: TrainingState) -> None:
+    """Model (safetensors + remote code), tokenizer, results and model card, staged then moved into output_dir.
+
+    A failed write (disk full) removes the stage and raises SaveFailed; the model already in output_dir (of an
+    earlier, shorter run) is then left as it was.
+    """
     output_dir = Path(args.output_dir)
     stage = output_dir / ".final.partial"
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # get_state_dict gathers FSDP / DeepSpeed shards; a compiled model's names carry torch.compile's `_orig_mod.`.
     state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in accelerator.get_state_dict(model).items()}
-    unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=state_dict)
-    if not accelerator.is_main_process:
-        return
-    tokenizer.save_pretrained(stage)
-    train_results = {
-        "train_steps": progress.completed_steps,
-        "train_tokens": progress.tokens_seen,
-        "train_runtime_s": round(progress.train_seconds, 3),
-        "train_tokens_per_second": progress.tokens_seen / max(progress.train_seconds, 1e-9),
-    }
-    write_json_atomically(stage / "eval_results.json", eval_results)
-    write_json_atomically(stage / "training_args.json", hyperparameters(args, accelerator))
-    write_json_atomically(stage / "all_results.json", {**train_results, **eval_results})
+    eval_results = state.eval_results
+    try:
+        unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, state_dict=state_dict)
+        if not accelerator.is_main_process:
+            return
+        tokenizer.save_pretrained(stage)
+        train_results = {
+            "train_steps": state.completed_steps,
+            "train_tokens": state.tokens_seen,
+            "train_runtime_s": round(state.train_seconds, 3),
+            "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        }
+        write_json_atomically(stage / "eval_results.json", eval_results)
+        write_json_atomically(stage / "training_args.json", hyperparameters(args, accelerator))
+        write_json_atomically(stage / "all_results.json", {**train_results, **eval_results})
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise SaveFailed(f"could not write the final model into {output_dir} ({first_line(error)}; disk full?); the "
+                         "checkpoints and any earlier model there are kept") from None
     for item in stage.iterdir():
         os.replace(item, output_dir / item.name)
     stage.rmdir()
     dataset = args.dataset_name or ", ".join(Path(f).name for f in args.train_file or []) or DEFAULT_CORPUS_NAME
     write_model_card(output_dir, unwrapped.config, eval_results=eval_results, dataset_name=dataset, training={
-        "steps": progress.completed_steps,
-        "tokens": progress.tokens_seen,
-        "wall_time_s": round(progress.train_seconds, 1),
+        "steps": state.completed_steps,
+        "tokens": state.tokens_seen,
+        "wall_time_s": round(state.train_seconds, 1),
         "hardware": hardware_description(accelerator.device, accelerator.num_processes),
         "hyperparameters": hyperparameters(args, accelerator),
     })

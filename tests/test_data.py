@@ -1,6 +1,7 @@
 """acx_ramanujan.data: loading, nanoGPT's tail split, packing (against a plain byte-chunking reference)."""
 
 import json
+import random
 
 import pandas as pd
 import pytest
@@ -115,3 +116,27 @@ def test_empty_dataset_after_tokenization_is_an_error(tmp_path, text_file):
     raw = load_raw_datasets([str(text_file)], validation_file=str(short))
     with pytest.raises(ValueError, match="validation split holds fewer than block_size=16 tokens"):
         tokenize_and_pack(raw, RamanujanByteTokenizer(), 16)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("latin1.txt", "line one\ncaf\xe9 au lait\n".encode("latin-1"), "latin1.txt: not UTF-8 text at byte 12"),
+        # A character split across the 1 MiB reading pieces is still UTF-8; the bad byte after it is found.
+        ("long.txt", b"a" * ((1 << 20) - 1) + "é".encode() + b"\n\xff\n", f"long.txt: not UTF-8 text at byte {(1 << 20) + 2}"),
+        ("binary.txt", bytes(random.Random(0).randrange(256) for _ in range(4096)), "binary.txt: not UTF-8 text at byte"),
+        ("truncated.jsonl", b'{"text": "a"}\n{"text": "b"\n', "truncated.jsonl: line 2: not valid JSON"),
+        ("numbers.jsonl", b'{"text": 1}\n{"text": 2}\n', "numbers.jsonl: line 1: 'text' is 1, not a string"),
+        ("mixed.jsonl", b'{"text": "a"}\n\n{"text": 2.5}\n', "mixed.jsonl: line 3: 'text' is 2.5, not a string"),
+        ("array.json", b'[{"text": "a"}, {"text": ["b"]}]', "array.json: element [1]: 'text' is [\"b\"], not a string"),
+        ("latin1.csv", "text\nhello\ncaf\xe9\n".encode("latin-1"), "latin1.csv: not UTF-8 text at byte 14"),
+    ],
+)
+def test_unreadable_rows_are_named_by_file_and_position(tmp_path, name, content, message):
+    """Binary or non-UTF-8 text, malformed JSON, a text column of numbers: one error naming the file and the byte
+    or line (`datasets` itself says only that generation failed, or the tokenizer fails on an int)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        load_raw_datasets([str(path)], validation_split_percentage=50)
+    assert str(error.value).startswith(f"{path.parent}/{message}")

@@ -268,6 +268,7 @@ def test_config_overrides_are_typed_from_the_config_fields():
     [
         (["--train_file", "{tmp}/absent.txt"], "does not exist"),
         (["--train_file", "{tmp}/empty.txt"], "is empty"),
+        (["--train_file", "{tmp}/latin1.txt"], "latin1.txt: not UTF-8 text at byte 3"),
         (["--validation_file", "{tmp}/short.txt"], "validation split holds fewer than block_size=32 tokens"),
         (["--block_size", "128"], "exceeds the model's max_position_embeddings (64)"),
         (["--config_overrides", TINY + ",vocab_size=300"], "the tokenizer has 259 tokens but the config's vocab_size is 300"),
@@ -290,6 +291,7 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, monkey
     monkeypatch.delenv("HF_TOKEN", raising=False)  # HF_HOME is a fresh folder (conftest): no stored token either
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("short\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 100)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "config.json").write_text("{}")
     args = train_args(corpus, tmp_path / "run") + [item.format(tmp=tmp_path) for item in extra]
@@ -297,7 +299,7 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("acx-rt train: error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run").exists()  # nothing written, not even the lock
 
 
 def test_push_to_hub_uploads_the_finished_run(tmp_path, corpus, monkeypatch):
