@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx2
 import torch
 from datasets import DatasetDict
 from huggingface_hub import get_token
@@ -28,7 +27,7 @@ from transformers.trainer_utils import HubStrategy
 from hub_cards import hardware_description, write_model_card
 
 from .data import load_raw_datasets
-from .hub import hub_error_line, push_to_hub
+from .hub import PUSH_ERRORS, hub_error_line, push_to_hub
 from .lora import LoraArguments, apply_lora, save_merged
 from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
 from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, safetensors_shapes
@@ -367,7 +366,7 @@ def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: C
     try:
         commit = push_to_hub(pushed_dir, hub_push.repo_id, private=hub_push.private, revision=hub_push.revision,
                              token=hub_push.token, commit_message=f"{prog}: fine-tuned model")
-    except (ValueError, OSError, httpx2.TransportError) as error:  # HfHubHTTPError is an OSError
+    except PUSH_ERRORS as error:
         print(f"{prog}: error: the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}",
               file=sys.stderr)
         return 1

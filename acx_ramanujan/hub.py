@@ -32,6 +32,9 @@ from . import modeling_ramanujan
 from .modeling_ramanujan import RamanujanForCausalLM
 from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, weight_files
 
+# What a failed push raises: bad input (ValueError), the Hub's HTTP errors (HfHubHTTPError, an OSError) and a connection
+# that fails (the HTTP client's TransportError, which is not an OSError).
+PUSH_ERRORS = (ValueError, OSError, httpx2.TransportError)
 CARD = "README.md"
 MODEL_FILES = ["config.json", "generation_config.json"]
 # What `tokenizer.save_pretrained` writes besides the tokenizer class's own `vocab_files_names` (vocab.json, merges.txt …).

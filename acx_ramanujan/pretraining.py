@@ -42,7 +42,7 @@ from .checkpoints import (BadCheckpoint, SaveFailed, TrainingState, check_resume
                           list_checkpoints, load_checkpoint, save_checkpoint)
 from .configuration_ramanujan import RamanujanConfig
 from .data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
-from .hub import push_to_hub
+from .hub import PUSH_ERRORS, hub_error_line, push_to_hub
 from .metrics import load_metric
 from .modeling_ramanujan import RamanujanForCausalLM, expert_load
 from .saved_files import first_line
@@ -560,8 +560,8 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         try:
             push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {state.completed_steps} steps",
                         token=args.hub_token)
-        except (ValueError, OSError) as error:
-            print(f"{PROG}: error: the push to the Hub failed ({error}); the run is saved in {output_dir}",
+        except PUSH_ERRORS as error:
+            print(f"{PROG}: error: the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}",
                   file=sys.stderr)
             return 1
     return 0

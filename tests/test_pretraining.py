@@ -318,3 +318,19 @@ def test_push_to_hub_uploads_the_finished_run(tmp_path, corpus, monkeypatch):
     finally:
         hub.stop()
     assert {"model.safetensors", "config.json", "modeling_ramanujan.py", "tokenizer_config.json", "README.md"} <= files
+
+
+def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_run(tmp_path, corpus, monkeypatch, capsys):
+    """A connection that fails (httpx2's TransportError, not an OSError) after training: one line, exit 1, run kept."""
+    from hub_emulator import HubEmulator
+    from test_hub import TOKEN, point_client_at
+
+    hub = HubEmulator(tokens=(TOKEN,)).start()
+    point_client_at(hub, monkeypatch)
+    hub.stop()  # nothing listens at its address now
+    args = train_args(corpus, tmp_path / "run", "--max_train_steps", "1", "--push_to_hub",
+                      "--hub_model_id", "test-user/tiny-run")
+    assert pretraining.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("acx-rt train: error: the push to the Hub failed (") and "Traceback" not in "\n".join(err)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
