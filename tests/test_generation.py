@@ -110,13 +110,14 @@ class GenerationTesterMixin:
         for model_class, model, input_ids in self._generation_setup():
             with self.subTest(model_class.__name__):
                 torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
                 compiled = torch.compile(model)
                 with torch.no_grad():
                     expected = model(input_ids).logits
                     got = compiled(input_ids).logits
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-                frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                self.assertGreater(frames, 0, "torch.compile traced nothing")
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                self.assertGreater(graphs, 0, "torch.compile traced nothing")
 
     def test_resize_token_embeddings_then_generate(self):
         for model_class, model, input_ids in self._generation_setup():
