@@ -75,6 +75,14 @@ def _check_files(paths: list[str], role: str) -> str:
     return suffixes.pop()
 
 
+def check_data_files(paths: list[str], role: str = "training", text_column: str = "text") -> None:
+    """Refuse what `load_raw_datasets` would refuse in these files (missing, empty, unsupported, not UTF-8, bad JSON
+    rows) without loading them: for a command that starts several runs on the same files."""
+    problem = _find_bad_row(paths, _check_files(paths, role), text_column)
+    if problem:
+        raise ValueError(problem)
+
+
 def _load_files(paths: list[str], role: str, text_column: str) -> Dataset:
     builder = _check_files(paths, role)
     # Text lines keep their "\n" so that packing the rows back to back restores the file byte for byte.

@@ -234,7 +234,13 @@ def load_tokenizer(name: str | None):
 
 
 def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
-    config = RamanujanConfig.from_preset(args.config_name, **parse_config_overrides(args.config_overrides))
+    """The preset plus overrides; the special token ids are the tokenizer's (an override that differs is refused)."""
+    overrides = parse_config_overrides(args.config_overrides)
+    config = RamanujanConfig.from_preset(args.config_name, **overrides)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if name in overrides and overrides[name] != getattr(tokenizer, name):
+            raise ValueError(f"--config_overrides: {name}={overrides[name]} differs from the tokenizer's "
+                             f"{name} ({getattr(tokenizer, name)}); special token ids come from the tokenizer")
     if len(tokenizer) != config.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is {config.vocab_size}; "

@@ -254,7 +254,7 @@ def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverge
         ([], "nothing to compare"),
         (["--schemes", "normal", "--block_size", "1000"], "--block_size 1000 exceeds the model's max_position_embeddings"),
         (["--variant", "x:max_position_embeddings=8"], "--block_size 16 exceeds the model's max_position_embeddings (8)"),
-        (["--schemes", "normal", "--train_file", "TMP/empty.txt"], "empty.txt is empty"),
+        (["--schemes", "normal", "--train_file", "TMP/empty.txt"], "empty.txt' is empty"),
     ],
 )
 def test_benchmark_rejects_bad_input_before_training(tmp_path, capsys, extra, message):

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 from .. import pretraining
 from ..initialization_ramanujan import INIT_SCHEMES
 from ..atomic_files import write_json_atomically, write_text_atomically
+from ..data import check_data_files
 from ..saved_files import read_json_object
 from .reporting import markdown_table, parse_name_list, save_figure
 
@@ -73,10 +74,8 @@ def check_args(args: argparse.Namespace) -> None:
     if not variants:
         raise ValueError("nothing to compare: give --schemes and/or --variant")
     args.variants = variants
-    if args.train_file is not None and not Path(args.train_file).is_file():
-        raise ValueError(f"--train_file {args.train_file} is not a readable file")
-    if args.train_file is not None and Path(args.train_file).stat().st_size == 0:
-        raise ValueError(f"--train_file {args.train_file} is empty")
+    if args.train_file is not None:
+        check_data_files([str(args.train_file)])
     tokenizer = pretraining.load_tokenizer(None)  # what every run trains with: the byte tokenizer
     for layers in args.layers:
         for name, overrides in variants.items():
