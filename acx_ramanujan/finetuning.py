@@ -160,7 +160,7 @@ def sequence_nll(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Te
     """(batch, 2): each sequence's summed next-token NLL in nats and its number of predicted tokens.
 
     `preprocess_logits_for_metrics` hook: evaluation keeps these two numbers instead of (batch, seq, vocab) logits.
-    MoE outputs reach here as (aux_loss, logits): the logits are the one 3-D tensor.
+    MoE outputs reach here as (aux_loss, logits, z_loss): the logits are the one 3-D tensor.
     """
     if isinstance(logits, tuple):
         logits = next(tensor for tensor in logits if tensor.dim() == 3)

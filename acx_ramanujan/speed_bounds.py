@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from .modeling_ramanujan import CACHE_NAME
 from .speed import (
     NUM_EXPERTS,
     SHAPES,
@@ -119,7 +120,7 @@ def bare_decode_step(model, keys: list[torch.Tensor], values: list[torch.Tensor]
 def bare_decode_run(model, cached_tokens: int, new_tokens: int):
     """`run() -> (seconds per token, same)` for `new_tokens` bare decode steps with greedy argmax after `cached_tokens`."""
     with torch.no_grad():
-        cache = model(torch.randint(0, VOCAB_SIZE, (1, cached_tokens)), use_cache=True).past_key_values
+        cache = getattr(model(torch.randint(0, VOCAB_SIZE, (1, cached_tokens)), use_cache=True), CACHE_NAME)
     step = bare_decode_step(model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
                             cached_tokens)
     token = torch.tensor([[5]])

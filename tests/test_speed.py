@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_config
 
 from acx_ramanujan import RamanujanForCausalLM
+from acx_ramanujan.modeling_ramanujan import CACHE_NAME
 from acx_ramanujan.speed import NUM_EXPERTS, SHAPES, build, model_configs
 from acx_ramanujan.speed_bounds import bare_decode_step
 
@@ -33,9 +34,9 @@ def test_bare_decode_step_matches_the_model(init_scheme):
     model = RamanujanForCausalLM(tiny_config(init_scheme=init_scheme)).eval()
     prompt, token = torch.randint(0, 256, (2, 7)), torch.randint(0, 256, (2, 1))
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = getattr(model(prompt, use_cache=True), CACHE_NAME)  # the installed release's field name
         keys = [layer.keys.clone() for layer in cache.layers]
         values = [layer.values.clone() for layer in cache.layers]
-        expected = model(token, past_key_values=cache).logits
+        expected = model(token, cache=cache).logits
         got = bare_decode_step(model, keys, values, position=7)(token)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
