@@ -49,10 +49,11 @@ def test_trl_sft_trainer_trains_dense_and_moe(kind, tmp_path):
 
 
 def greedy_continuation(model, tokenizer, context: str, new_tokens: int) -> str:
+    """Our greedy continuation, without a KV cache: a reference independent of the cache path the harness uses."""
     ids = torch.tensor([tokenizer(context)["input_ids"]])  # with BOS, as the harness encodes (tokenizer default)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, use_cache=False)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
