@@ -2,7 +2,7 @@
 
 A model inside Transformers must pass `ModelTesterMixin` (tests/test_modeling_common.py) and `ConfigTester`
 (tests/test_configuration_common.py); our test classes plug into them the way Llama's and Qwen3-MoE's test
-modules do. The mixins are not copied into this repository: `upstream_tests.load()` fetches the sdist of the
+modules do. The mixins are not copied into this repository: `load_upstream()` fetches the sdist of the
 INSTALLED Transformers release from the package registry (`pip download --no-binary :all:`), caches its tests/
 folder outside the repository and imports it as the package `transformers_upstream_tests`, so every supported
 release is checked against its own tests.
@@ -12,7 +12,7 @@ The sdist ships the top-level mixin modules but not three modules they import. H
   same behaviours (cached = uncached, beam, assisted, static cache, continuing a cache...), which our test
   classes inherit exactly as upstream's model tests inherit the upstream mixin.
 - `exporters.test_export.ExportTesterMixin` (ModelTesterMixin's base class): `ExportTesterMixin` below, our own
-  `torch.export` check (upstream's drives Transformers' exporter framework, which needs the repository).
+  `torch.export` check (upstream's module, which drives Transformers' exporters, is only in the repository).
 - `utils.test_configuration_utils.config_common_kwargs`: `CONFIG_COMMON_KWARGS` below, our own non-default
   value for each common `PreTrainedConfig` argument, read by `ConfigTester.check_config_arguments_init`.
 """
@@ -27,8 +27,8 @@ import tarfile
 import tempfile
 import types
 import unittest
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
