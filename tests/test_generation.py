@@ -12,6 +12,8 @@ The tests run through the classes in tests/test_transformers_common.py (which se
 import torch
 from transformers import set_seed
 
+from acx_ramanujan.modeling_ramanujan import CACHE_NAME  # the installed release's name for the KV cache
+
 NEW_TOKENS = 5
 
 
@@ -54,7 +56,7 @@ class GenerationTesterMixin:
                 uncached = self._generate(model, input_ids, use_cache=False)
                 self._assert_same_generation(cached, uncached)
                 self.assertEqual(lengths, [input_ids.shape[1]] + [1] * (NEW_TOKENS - 1))
-                self.assertEqual(cached.past_key_values.get_seq_length(), input_ids.shape[1] + NEW_TOKENS - 1)
+                self.assertEqual(getattr(cached, CACHE_NAME).get_seq_length(), input_ids.shape[1] + NEW_TOKENS - 1)
 
     def test_beam_search_cached_equals_uncached(self):
         for model_class, model, input_ids in self._generation_setup():
@@ -77,7 +79,7 @@ class GenerationTesterMixin:
             with self.subTest(model_class.__name__):
                 whole = self._generate(model, input_ids, max_new_tokens=2 * NEW_TOKENS, min_new_tokens=2 * NEW_TOKENS)
                 first = self._generate(model, input_ids)
-                second = self._generate(model, first.sequences, past_key_values=first.past_key_values)
+                second = self._generate(model, first.sequences, **{CACHE_NAME: getattr(first, CACHE_NAME)})
                 torch.testing.assert_close(second.sequences, whole.sequences, rtol=0, atol=0)
                 torch.testing.assert_close(
                     torch.stack(first.scores + second.scores), torch.stack(whole.scores), rtol=1e-4, atol=1e-4
@@ -95,7 +97,7 @@ class GenerationTesterMixin:
                     first.sequences, from_ids.sequences[:, input_ids.shape[1]: input_ids.shape[1] + NEW_TOKENS]
                 )
                 full = torch.cat([input_ids, first.sequences], dim=1)
-                second = self._generate(model, full, past_key_values=first.past_key_values)
+                second = self._generate(model, full, **{CACHE_NAME: getattr(first, CACHE_NAME)})
                 torch.testing.assert_close(second.sequences, from_ids.sequences, rtol=0, atol=0)
 
     def test_static_cache_equals_dynamic(self):
@@ -103,7 +105,7 @@ class GenerationTesterMixin:
             with self.subTest(model_class.__name__):
                 static = self._generate(model, input_ids, cache_implementation="static")
                 dynamic = self._generate(model, input_ids)
-                self.assertEqual(type(static.past_key_values).__name__, "StaticCache")
+                self.assertEqual(type(getattr(static, CACHE_NAME)).__name__, "StaticCache")
                 self._assert_same_generation(static, dynamic)
 
     def test_compiled_forward_equals_eager(self):
