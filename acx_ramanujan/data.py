@@ -83,7 +83,8 @@ def check_data_files(paths: list[str], role: str = "training", text_column: str 
         raise ValueError(problem)
 
 
-def _load_files(paths: list[str], role: str, text_column: str) -> Dataset:
+def _load_files(paths: list[str], role: str, text_column: str | None) -> Dataset:
+    """The files as one dataset; `text_column` (None: no column is checked) must hold strings."""
     builder = _check_files(paths, role)
     # Text lines keep their "\n" so that packing the rows back to back restores the file byte for byte.
     options = {"keep_linebreaks": True} if builder == "text" else {}
@@ -93,7 +94,7 @@ def _load_files(paths: list[str], role: str, text_column: str) -> Dataset:
         # `datasets` says only that generation failed; find the file and the byte or line ourselves.
         raise ValueError(_find_bad_row(paths, builder, text_column) or
                          f"{role} file(s) {', '.join(paths)}: {first_line(error.__cause__ or error)}") from None
-    if text_column in dataset.column_names and not _holds_text(dataset, text_column):
+    if text_column in dataset.column_names and not _holds_text(dataset, text_column):  # (None is never a column)
         raise ValueError(_find_bad_row(paths, builder, text_column) or
                          f"{role} file(s) {', '.join(paths)}: column {text_column!r} holds "
                          f"{dataset.features[text_column]}, not text")
@@ -150,7 +151,7 @@ def _json_problem(path: Path, text_column: str) -> str | None:
             return f"{where}: {row}"
         if not isinstance(row, dict):
             return f"{where} is not a JSON object"
-        value = row.get(text_column)
+        value = row.get(text_column) if text_column is not None else None
         if value is not None and not isinstance(value, str):
             return f"{where}: {text_column!r} is {json.dumps(value)[:40]}, not a string"
     return None
@@ -173,8 +174,11 @@ def load_raw_datasets(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     text_column: str = "text",
+    column_is_text: bool = True,
 ) -> DatasetDict:
     """`train` and `validation` splits of raw text from files (txt/json/jsonl/csv/parquet) or a Hub dataset.
+
+    `text_column` must exist, and hold strings unless `column_is_text` is False (a chat column of message lists).
 
     Without validation data, the validation split is the tail of the training text (nanoGPT's split).
     """
@@ -185,8 +189,9 @@ def load_raw_datasets(
         train = raw["train"]
         validation = raw["validation"] if "validation" in raw else None
     elif train_files:
-        train = _load_files(list(train_files), "train", text_column)
-        validation = _load_files([validation_file], "validation", text_column) if validation_file else None
+        checked_column = text_column if column_is_text else None
+        train = _load_files(list(train_files), "train", checked_column)
+        validation = _load_files([validation_file], "validation", checked_column) if validation_file else None
     else:
         raise ValueError("no training data: pass train files or a dataset name")
     for split, dataset in (("train", train), ("validation", validation)):
@@ -195,7 +200,7 @@ def load_raw_datasets(
                 f"the {split} data has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
                 "set the text column"
             )
-        if dataset is not None and not _holds_text(dataset, text_column):
+        if dataset is not None and column_is_text and not _holds_text(dataset, text_column):
             raise ValueError(f"the {split} data's column {text_column!r} holds {dataset.features[text_column]}, "
                              "not text")
     if validation is None:

@@ -68,8 +68,9 @@ class DataSourceArguments:
         """The name the model card gives the data."""
         return self.dataset_name or Path(self.train_file).name
 
-    def load(self, required_column: str) -> DatasetDict:
-        """`train` and `validation` splits (`data.load_raw_datasets`), failing early when `required_column` is absent."""
+    def load(self, required_column: str, column_is_text: bool = True) -> DatasetDict:
+        """`train` and `validation` splits (`data.load_raw_datasets`), failing early when `required_column` is absent
+        (or, with `column_is_text`, holds anything but strings)."""
         return load_raw_datasets(
             [self.train_file] if self.train_file else None,
             validation_file=self.validation_file,
@@ -77,6 +78,7 @@ class DataSourceArguments:
             dataset_name=self.dataset_name,
             dataset_config_name=self.dataset_config_name,
             text_column=required_column,
+            column_is_text=column_is_text,
         )
 
 

@@ -181,7 +181,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_arg
     """Check every input, tokenize, load the model (+ LoRA): a Trainer ready to train. Raises ValueError on bad input."""
     config = load_checkpoint_config(model_args, AutoModelForCausalLM, "causal-LM")
     tokenizer = load_tokenizer(model_args, config)
-    raw_datasets = data_args.load(data_args.columns[0])
+    raw_datasets = data_args.load(data_args.columns[0], column_is_text=not data_args.messages_column)
     check_columns(raw_datasets, data_args.columns, data_args.text_columns)
     block_size = resolve_block_size(data_args.block_size, config)
     with training_args.main_process_first(desc="tokenization"):

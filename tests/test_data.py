@@ -140,3 +140,17 @@ def test_unreadable_rows_are_named_by_file_and_position(tmp_path, name, content,
     with pytest.raises(ValueError) as error:
         load_raw_datasets([str(path)], validation_split_percentage=50)
     assert str(error.value).startswith(f"{path.parent}/{message}")
+
+
+def test_a_chat_column_of_message_lists_loads_and_a_broken_line_is_still_named(tmp_path):
+    """`column_is_text=False` (finetune's --messages_column): lists are fine, JSON errors are still located."""
+    chat = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]} for i in range(20)]
+    chat.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw = load_raw_datasets([str(chat)], text_column="messages", column_is_text=False)
+    assert len(raw["train"]) + len(raw["validation"]) == 20
+    with pytest.raises(ValueError, match="messages"):
+        load_raw_datasets([str(chat)], text_column="messages")  # as a text column, the lists are refused
+    chat.write_text(chat.read_text() + '{"messages": [\n')
+    with pytest.raises(ValueError, match=r"chat.jsonl: line 21: not valid JSON"):
+        load_raw_datasets([str(chat)], text_column="messages", column_is_text=False)
