@@ -18,10 +18,11 @@ import time
 from statistics import median
 
 import torch
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaForCausalLM
 
 from .atomic_files import write_json_atomically
 from .configuration_ramanujan import RamanujanConfig
+from .export_llama import target_config  # the Llama config of the same shapes
 from .modeling_ramanujan import RamanujanForCausalLM
 from .speed import counted_flops
 
@@ -141,7 +142,7 @@ def generation_run(kind: str, device: str, new_tokens: int, repeats: int, compil
     """One model's greedy tokens and tokens/s, both ways."""
     torch.manual_seed(0)
     config = tiny_config(kind == "moe", "sdpa")
-    model = (LlamaForCausalLM(LlamaConfig(**llama_fields(config))) if kind == "llama"
+    model = (LlamaForCausalLM(target_config(config)) if kind == "llama"
              else RamanujanForCausalLM(config)).to(device).eval()
     prompt = torch.tensor([list(b"To be, or not to be")], device=device)
     settings = {"dynamic_eager": {}, "static_compiled": {"cache_implementation": "static", "compile_config": compile_config}}
@@ -153,13 +154,6 @@ def generation_run(kind: str, device: str, new_tokens: int, repeats: int, compil
                                                do_sample=False, **extra)
         speed[label] = new_tokens / timed(run, repeats, device)
     return {"tokens_equal": torch.equal(tokens["dynamic_eager"], tokens["static_compiled"]), "tokens_per_s": speed}
-
-
-def llama_fields(config: RamanujanConfig) -> dict:
-    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "pad_token_id", "bos_token_id",
-             "eos_token_id", "rope_parameters")
-    return {name: getattr(config, name) for name in names}
 
 
 def fsdp_step(device: str) -> dict:
@@ -210,7 +204,7 @@ def training_throughput(device: str, width: int, layers: int, context: int, batc
     config = RamanujanConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
                              intermediate_size=8 * width // 3 // 64 * 64 or 64, max_position_embeddings=context,
                              attn_implementation="sdpa")
-    models = {"ours": RamanujanForCausalLM(config), "llama": LlamaForCausalLM(LlamaConfig(**llama_fields(config)))}
+    models = {"ours": RamanujanForCausalLM(config), "llama": LlamaForCausalLM(target_config(config))}
     tokens = torch.randint(0, 256, (batch, context), device=device)
     peak = matmul_peak(device, torch.bfloat16, 8192 if device == "cuda" else 512)
     results = {"shape": dict(width=width, layers=layers, context=context, batch=batch), "bf16_matmul_peak_tflops": peak / 1e12}
