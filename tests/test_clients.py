@@ -2,7 +2,7 @@
 
 TRL's SFTTrainer (dense and MoE: it treats a config with `output_router_logits` as MoE and adds the router loss),
 lm-evaluation-harness's HFLM (generate_until and loglikelihood requests, checked against our own generate and
-log-probabilities), and PEFT's LoRA as its documentation shows it.
+log-probabilities), PEFT's LoRA as its documentation shows it, and Transformers' own text-generation pipeline.
 """
 
 import pytest
@@ -120,3 +120,24 @@ def test_peft_lora_all_linear_trains_only_adapters(kind):
     peft_model.eval()
     with torch.no_grad():
         assert not torch.allclose(peft_model(ids).logits, reference)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_text_generation_pipeline_equals_uncached_greedy_generate(kind, tmp_path):
+    """Transformers' `pipeline("text-generation")` from a saved folder (what its users do), one prompt and a batch that
+    the pipeline left-pads: the text equals greedy decoding without the KV cache, token for token. (On 5.24 before the
+    cache fix the pipeline's text differed: it lost its cache.) Transformers' own PipelineTesterMixin cannot run here:
+    it loads tiny models and tokenizers from the Hub by architecture name, which has none for a model outside the
+    library."""
+    from transformers import pipeline
+
+    model, tokenizer = tiny_model(kind), RamanujanByteTokenizer()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path), device="cpu")
+    prompts = ["To be, or not to be", "Hi"]
+    outputs = generator(prompts, max_new_tokens=8, do_sample=False, batch_size=2, return_full_text=False)
+    for prompt, output in zip(prompts, outputs):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)[0, ids.shape[1]:]
+        assert output[0]["generated_text"] == tokenizer.decode(expected, skip_special_tokens=True)
