@@ -32,9 +32,10 @@ from . import modeling_ramanujan
 from .modeling_ramanujan import RamanujanForCausalLM
 from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, weight_files
 
-# What a failed push raises: bad input (ValueError), the Hub's HTTP errors (HfHubHTTPError, an OSError) and a connection
-# that fails (the HTTP client's TransportError, which is not an OSError).
-PUSH_ERRORS = (ValueError, OSError, httpx2.TransportError)
+# What the Hub's client raises: HTTP errors (HfHubHTTPError, an OSError) and a connection that fails (the HTTP client's
+# TransportError, which is not an OSError). A failed push also raises ValueError for bad input.
+HUB_ERRORS = (HfHubHTTPError, httpx2.TransportError)
+PUSH_ERRORS = (ValueError, OSError, *HUB_ERRORS)
 CARD = "README.md"
 MODEL_FILES = ["config.json", "generation_config.json"]
 # What `tokenizer.save_pretrained` writes besides the tokenizer class's own `vocab_files_names` (vocab.json, merges.txt …).
@@ -69,6 +70,12 @@ class Upload:
     def card_note(self) -> str:
         return (f"{self.directory} has no {CARD}: the upload gets a model card generated from its config.json and results "
                 f"(the directory is left unchanged; write your own {CARD} there to replace it)")
+
+    def announce(self, repo_id: str, verb: str) -> None:
+        """Print the file list (`verb`: "uploading" or "would upload") and, if generated, the card's note."""
+        print(f"{verb} {self.describe(repo_id)}")
+        if self.generated_card is not None:
+            print(self.card_note())
 
     def describe(self, repo_id: str) -> str:
         lines = [f"{len(self.paths_in_repo)} files for {repo_id}:"]
@@ -117,9 +124,7 @@ def push_to_hub(
         # An existing repo keeps its visibility: refuse rather than upload into a public repo.
         raise ValueError(f"{repo_id} already exists and is public, so --private would not apply; make it private on "
                          "the Hub (or with HfApi.update_repo_settings) first, or push without --private")
-    print(f"uploading {upload.describe(repo_id)}")
-    if upload.generated_card is not None:
-        print(upload.card_note())
+    upload.announce(repo_id, "uploading")
     try:
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -131,7 +136,7 @@ def push_to_hub(
             commit_message=commit_message or f"Upload {upload.directory.resolve().name} with acx-rt push",
             revision=revision,
         )
-    except (HfHubHTTPError, httpx2.TransportError) as error:
+    except HUB_ERRORS as error:
         if not created:
             raise
         raise ValueError(f"the upload to {repo_id} failed ({hub_error_line(error)}); {delete_created_repo(api, repo_id)}") from None
@@ -154,7 +159,7 @@ def delete_created_repo(api: HfApi, repo_id: str) -> str:
     """Delete the (empty) repository a failed push created; the sentence saying what happened."""
     try:
         api.delete_repo(repo_id)
-    except (HfHubHTTPError, httpx2.TransportError) as error:
+    except HUB_ERRORS as error:
         return f"the repository it created could not be deleted ({hub_error_line(error)}): delete {repo_id} on the Hub"
     return f"deleted the repository {repo_id} this push had created"
 
@@ -182,8 +187,7 @@ def plan_upload(output_dir, repo_id: str, include: Sequence[str] = ()) -> Upload
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"invalid repo id {repo_id!r}: {error}") from None
-    config, tokenizer = check_output_dir(output_dir)
-    code_files = code_files_of(output_dir, "config.json") + code_files_of(output_dir, "tokenizer_config.json")
+    config, tokenizer, code_files = check_output_dir(output_dir)
     tokenizer_files = TOKENIZER_FILES + sorted(type(tokenizer).vocab_files_names.values())
     chat_templates = sorted(f"{EXTRA_CHAT_TEMPLATES}/{path.name}" for path in (output_dir / EXTRA_CHAT_TEMPLATES).glob("*.jinja"))
     weights = [str(path.relative_to(output_dir)) for path in weight_files(output_dir)]
@@ -221,7 +225,8 @@ def check_inside(output_dir: Path, name: str) -> None:
 def check_output_dir(output_dir: Path):
     """Everything a `from_pretrained(repo_id, trust_remote_code=True)` will need is here and consistent.
 
-    Returns the config and the tokenizer. The card, when present, must parse; a missing one is generated.
+    Returns the config, the tokenizer and the code files both `auto_map`s need. The card, when present, must parse;
+    a missing one is generated.
     """
     if not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} does not exist")
@@ -237,11 +242,11 @@ def check_output_dir(output_dir: Path):
             f"{output_dir}/config.json has no auto_map, so the model cannot load with trust_remote_code=True: "
             "import acx_ramanujan before save_pretrained"
         )
-    code_files_of(output_dir, "config.json")
+    code_files = code_files_of(output_dir, "config.json")
     check_weights(output_dir, config)
     if not (output_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"{output_dir} has no tokenizer_config.json: save the tokenizer with tokenizer.save_pretrained(...)")
-    code_files_of(output_dir, "tokenizer_config.json")  # a BPE tokenizer (tokenizer.json) needs no code
+    code_files += code_files_of(output_dir, "tokenizer_config.json")  # a BPE tokenizer (tokenizer.json) needs none
     try:
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
     except OSError as error:
@@ -253,7 +258,7 @@ def check_output_dir(output_dir: Path):
             ModelCard.load(output_dir / CARD)
         except ValueError as error:
             raise ValueError(f"{output_dir}/{CARD} is not a valid model card: {error}") from None
-    return config, tokenizer
+    return config, tokenizer, code_files
 
 
 def code_files_of(output_dir: Path, json_name: str) -> list[str]:
@@ -323,10 +328,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         if args.dry_run:
-            upload = plan_upload(args.output_dir, args.repo_id, args.include)
-            print(f"would upload {upload.describe(args.repo_id)}")
-            if upload.generated_card is not None:
-                print(upload.card_note())
+            plan_upload(args.output_dir, args.repo_id, args.include).announce(args.repo_id, "would upload")
             return 0
         commit = push_to_hub(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
                              commit_message=args.commit_message, include=args.include)
