@@ -585,10 +585,10 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, state: Training
     # get_state_dict gathers FSDP / DeepSpeed shards; a compiled model's names carry torch.compile's `_orig_mod.`.
     state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in accelerator.get_state_dict(model).items()}
     eval_results = state.eval_results
+    if not accelerator.is_main_process:  # the gather above was the collective part; writing is the main process's
+        return  # (another process inside save_pretrained(stage) raced the main one's move of the stage: ENOENT)
     try:
-        unwrapped.save_pretrained(stage, is_main_process=accelerator.is_main_process, state_dict=state_dict)
-        if not accelerator.is_main_process:
-            return
+        unwrapped.save_pretrained(stage, state_dict=state_dict)
         tokenizer.save_pretrained(stage)
         train_results = {
             "train_steps": state.completed_steps,
