@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from .modeling_ramanujan import CACHE_NAME
+from ..modeling_ramanujan import CACHE_NAME
 from .speed import (
     NUM_EXPERTS,
     SHAPES,

@@ -30,9 +30,9 @@ from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from transformers.utils import CONFIG_NAME
 
-from .atomic_files import write_json_atomically
-from .configuration_ramanujan import RamanujanConfig
-from .saved_files import first_line, read_json_object, safetensors_shapes
+from ..commands import InputError, WorkFailed
+from ..configuration_ramanujan import RamanujanConfig
+from ..files import first_line, read_json_object, safetensors_shapes, write_json_atomically
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -43,11 +43,11 @@ OTHER_FILES = re.compile(rf"model(_\d+)?\.safetensors|{re.escape(CONFIG_NAME)}|{
 SHARDING_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
-class BadCheckpoint(ValueError):
+class BadCheckpoint(InputError):
     """A checkpoint that cannot be resumed from: named in one line, nothing loaded."""
 
 
-class SaveFailed(OSError):
+class SaveFailed(WorkFailed):
     """A checkpoint or final model that could not be written (disk full, file-size limit): named in one line."""
 
 
