@@ -1,4 +1,4 @@
-"""Upper bounds on the speed ratios of issue 8: a thin launcher for acx_ramanujan/bench/bounds.py.
+"""Upper bounds on our speed ratios against Transformers' Llama and Qwen3-MoE: a thin launcher for acx_ramanujan/bench/bounds.py.
 
 usage: python benchmarks/speed_bounds.py [--shapes nanogpt width256] [--repeats 9] [--threads N]
 """
