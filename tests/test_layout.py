@@ -97,3 +97,21 @@ def test_the_check_sees_an_upward_import():
     upward = imported_modules(pretrain, "from ..cli import main\nfrom ..study import benchmark\nimport acx_ramanujan.bench.speed\n")
     assert [part_of_module(name) for name in upward] == ["cli", "study", "bench"]
     assert not {"cli", "study", "bench"} & ALLOWED["training"]
+
+
+def test_the_readme_data_flow_names_real_functions():
+    """Every `acx_ramanujan....` name in README's Layout section resolves to an object in the code."""
+    import importlib
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    names = sorted(set(re.findall(r"\bacx_ramanujan(?:\.\w+)+", layout)))
+    assert len(names) >= 10, names
+    for name in names:
+        module_name, _, attribute = name.rpartition(".")
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            module = getattr(importlib.import_module(module_name), attribute)
+        assert module is not None, name
