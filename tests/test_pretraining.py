@@ -76,6 +76,26 @@ def naive_eval_loss(output_dir: Path, corpus: Path) -> float:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
 
 
+def test_pretrain_is_a_function_the_study_and_tests_can_call(tmp_path, corpus):
+    """`pretrain(training_arguments(...))` runs what `acx-rt train` runs: its results are all_results.json's, and bad
+    input is an InputError (the CLI's exit status 2) before the output dir is created."""
+    from acx_ramanujan.commands import InputError
+
+    def arguments(output_dir, **values):
+        return pretrain.training_arguments(**{
+            "train_file": [str(corpus)], "config_overrides": TINY, "block_size": 32, "per_device_train_batch_size": 4,
+            "max_train_steps": 2, "output_dir": str(output_dir), **values})
+
+    results = pretrain.pretrain(arguments(tmp_path / "run"))
+    assert results == json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["train_steps"] == 2 and math.isfinite(results["eval_loss"])
+    with pytest.raises(InputError, match="block_size 128 exceeds the model's max_position_embeddings"):
+        pretrain.pretrain(arguments(tmp_path / "refused", block_size=128))
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="unknown training argument"):
+        pretrain.training_arguments(max_steps=2)  # TrainingArguments' name, not ours
+
+
 @pytest.mark.parametrize("overrides, tracking", [(TINY, ("--with_tracking", "--report_to", "tensorboard")), (MOE, ())],
                          ids=["dense", "moe"])
 def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
