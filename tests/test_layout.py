@@ -120,5 +120,6 @@ def test_the_readme_data_flow_names_real_functions():
 def test_every_folder_of_python_files_is_a_package():
     """setuptools' find_packages (pyproject) ships only folders with an __init__.py: a sub-package without one works
     in an editable install and is missing from the wheel."""
-    folders = {path.parent for path in SOURCES}
+    metric_scripts = PACKAGE / "training" / "metrics"  # evaluate modules, loaded by path: package data (pyproject)
+    folders = {path.parent for path in SOURCES if metric_scripts not in path.parents}
     assert [folder for folder in folders if not (folder / "__init__.py").is_file()] == []
