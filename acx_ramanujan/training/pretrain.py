@@ -5,9 +5,9 @@ checkpoint/resume recipe), run through Accelerate so the same script works with 
 (DDP, FSDP, DeepSpeed; mixed precision from the launcher) and several CPU processes over gloo
 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`; see training_scripts/accelerate_configs).
 
-Recipe: text → byte (or BPE) tokens packed into blocks (`data.py`) → AdamW + schedule with gradient
-accumulation and clipping → evaluation (loss, perplexity, bits per byte; expert load for MoE) → checkpoints
-(`accelerator.save_state`, exact resume) → `save_pretrained` + tokenizer + model card.
+Recipe: text → byte (or BPE) tokens packed into blocks (`data.py`), read as random windows → Muon + AdamW with
+warmup and a cosine schedule, gradient accumulation and clipping (`recipe.py`) → evaluation (loss, perplexity,
+bits per byte; expert load for MoE) → checkpoints (`accelerator.save_state`, exact resume) → `save_pretrained` + tokenizer + model card.
 With no data flags it trains the `tiny` preset on Python's own help text, so it runs offline anywhere.
 """
 
@@ -30,7 +30,7 @@ from huggingface_hub import get_token
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
+from transformers import AutoTokenizer, SchedulerType, default_data_collator
 
 from ..cards import hardware_description, write_model_card
 from ..commands import InputError, WorkFailed, run_command
@@ -45,6 +45,7 @@ from .data import default_corpus_text, load_raw_datasets, text_to_dataset, token
 from .evaluation import count_predicted_bytes, evaluate_model
 from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
                        stop_requests)
+from .recipe import RandomWindows, make_optimizers, make_schedulers
 
 DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
 
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--text_column", default="text", help="column holding the text (json/csv/parquet/Hub)")
     data.add_argument("--block_size", type=int, default=256, help="tokens per training block (context length)")
     data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
+    data.add_argument("--sampling", choices=["windows", "epochs"], default="windows",
+                      help="windows: each row starts at a random offset of the training text (nanoGPT's batches); "
+                      "epochs: the fixed packed blocks, reshuffled every epoch")
 
     model = parser.add_argument_group("model")
     model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
@@ -78,11 +82,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     optim.add_argument("--per_device_train_batch_size", type=int, default=8, help="blocks per process per micro-batch")
     optim.add_argument("--per_device_eval_batch_size", type=int, default=8, help="blocks per process when evaluating")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
+                       help="muon: torch.optim.Muon for the decoder layers' matrices, AdamW for the rest; adamw: AdamW for all")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
-    optim.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
-    optim.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine",
-                       choices=[kind.value for kind in SchedulerType], metavar="{linear,cosine,constant,...}", help="learning-rate schedule (transformers.get_scheduler)")
-    optim.add_argument("--num_warmup_steps", type=int, default=0, help="linear warmup steps")
+    optim.add_argument("--muon_learning_rate", type=float, default=2e-3, help="peak Muon learning rate (match_rms_adamw)")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1")
+    optim.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW's beta2")
+    optim.add_argument("--weight_decay", type=float, default=0.1, help="decay of matrices (not norms)")
+    optim.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine_with_min_lr",
+                       choices=[kind.value for kind in SchedulerType], metavar="{cosine_with_min_lr,cosine,linear,...}",
+                       help="learning-rate schedule (transformers.get_scheduler)")
+    optim.add_argument("--min_lr_rate", type=float, default=0.1, help="cosine_with_min_lr's floor, a share of the peak")
+    optim.add_argument("--num_warmup_steps", type=int, help="linear warmup steps (default: --warmup_ratio of the steps)")
+    optim.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps spent warming up")
     optim.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
     optim.add_argument("--num_train_epochs", type=int, default=3, help="passes over the training blocks")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
@@ -124,10 +136,14 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
-    if not (0 < args.learning_rate < math.inf) or args.num_warmup_steps < 0 or not (
+    if not (0 < args.learning_rate < math.inf and 0 < args.muon_learning_rate < math.inf) or not (
             0 <= args.max_grad_norm < math.inf and 0 <= args.weight_decay < math.inf):
-        raise ValueError("--learning_rate must be finite and > 0; --num_warmup_steps, --max_grad_norm, --weight_decay "
-                         "finite and >= 0")
+        raise ValueError("--learning_rate and --muon_learning_rate must be finite and > 0; --max_grad_norm and "
+                         "--weight_decay finite and >= 0")
+    if (args.num_warmup_steps or 0) < 0 or not all(0 <= getattr(args, name) <= 1 for name in ("warmup_ratio", "min_lr_rate")):
+        raise ValueError("--num_warmup_steps must be >= 0; --warmup_ratio and --min_lr_rate in [0, 1]")
+    if not all(0 <= getattr(args, name) < 1 for name in ("adam_beta1", "adam_beta2")):
+        raise ValueError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
     if args.validation_file and not (args.train_file or args.dataset_name):
         raise ValueError("--validation_file needs --train_file (or --dataset_name)")
     if args.push_to_hub and not args.hub_model_id:
@@ -171,19 +187,10 @@ def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
     return config
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and expert tensors only, not on norms (nanoGPT's `configure_optimizers`)."""
-    params = [param for param in model.parameters() if param.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
-
-
 def hyperparameters(args: argparse.Namespace, accelerator: Accelerator) -> dict:
-    keys = ("config_name", "config_overrides", "block_size", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "learning_rate", "weight_decay", "num_warmup_steps", "max_train_steps",
+    keys = ("config_name", "config_overrides", "block_size", "sampling", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "optimizer", "learning_rate", "muon_learning_rate", "adam_beta1",
+            "adam_beta2", "weight_decay", "min_lr_rate", "num_warmup_steps", "warmup_ratio", "max_train_steps",
             "max_grad_norm", "seed")
     values = {key: getattr(args, key) for key in keys}
     values["lr_scheduler_type"] = SchedulerType(args.lr_scheduler_type).value
@@ -294,8 +301,8 @@ class Loop:
     """The prepared (wrapped) training objects and the progress a resumed run starts from."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
+    optimizers: list  # AdamW, then Muon (--optimizer muon)
+    lr_schedulers: list  # one per optimizer
     train_dataloader: DataLoader
     eval_dataloader: DataLoader
     eval_bytes: float
@@ -307,7 +314,7 @@ def train(args: argparse.Namespace, run: Run) -> dict:
     """The loop (nanoGPT's, through Accelerate): forward, backward, clip, step; log, evaluate, checkpoint, stop."""
     accelerator, config, output_dir = run.accelerator, run.config, Path(args.output_dir)
     loop = set_up(args, run)
-    model, optimizer, state = loop.model, loop.optimizer, loop.state
+    model, state = loop.model, loop.state
     metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, state.metrics_records if run.resume_path else None)
     tokens_per_step = args.block_size * state.blocks_per_step
     step_loss, step_start = torch.zeros((), device=accelerator.device), time.perf_counter()
@@ -318,18 +325,20 @@ def train(args: argparse.Namespace, run: Run) -> dict:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                for optimizer in loop.optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad()
             step_loss += loss.detach() / args.gradient_accumulation_steps
             if not accelerator.sync_gradients:
                 continue
-            loop.lr_scheduler.step()
+            for lr_scheduler in loop.lr_schedulers:
+                lr_scheduler.step()
             seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
             state.completed_steps, state.tokens_seen = state.completed_steps + 1, state.tokens_seen + tokens_per_step
             state.train_seconds += seconds
             train_loss = accelerator.reduce(step_loss, reduction="mean").item()
             step_loss.zero_()
-            lr = loop.lr_scheduler.get_last_lr()[0]
+            lr = loop.lr_schedulers[0].get_last_lr()[0]  # AdamW's
             metrics_log.log(state.completed_steps, {"loss": train_loss, "learning_rate": lr,
                                                     "tokens_per_second": tokens_per_step / seconds})
             bar.update(1)
@@ -371,22 +380,25 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     model = RamanujanForCausalLM(run.config)
     eval_bytes = count_predicted_bytes(blocks["validation"], run.tokenizer)
     blocks.set_format("torch")
+    blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    # An epoch is one pass over the packed blocks (each process's loader: ceil(blocks / (batch × processes))
+    # batches); its last batches form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
+    batches_per_epoch = math.ceil(len(blocks["train"]) / (args.per_device_train_batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    train_rows = blocks["train"] if args.sampling == "epochs" else RandomWindows(
+        blocks["train"].with_format("torch")[:]["input_ids"].reshape(-1), args.block_size, args.max_train_steps * blocks_per_step, args.seed)
     # Loaders draw their worker seeds from their own generators, not the global RNG that dropout uses: starting
     # an (evaluation or resumed) iteration then leaves the training randomness exactly where it was.
-    train_dataloader = DataLoader(blocks["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
+    train_dataloader = DataLoader(train_rows, shuffle=args.sampling == "epochs", batch_size=args.per_device_train_batch_size,
                                   collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
     eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, make_optimizer(model, args), train_dataloader, eval_dataloader)
-    # The last batches of an epoch form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=args.max_train_steps))
-    blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizers = make_optimizers(model, args)
+    model, train_dataloader, eval_dataloader, *optimizers = accelerator.prepare(
+        model, train_dataloader, eval_dataloader, *optimizers)
+    lr_schedulers = [accelerator.prepare(scheduler) for scheduler in make_schedulers(args, optimizers)]
     state = TrainingState(blocks_per_step=blocks_per_step)
     if run.resume_path is not None:
         state = resumed_state(args, accelerator, run.resume_path, blocks_per_step)
@@ -397,7 +409,7 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
         f"{args.block_size} tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
     )
-    return Loop(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
+    return Loop(model, optimizers, lr_schedulers, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 
 
 def resumed_state(args, accelerator: Accelerator, resume_path: Path, blocks_per_step: int) -> TrainingState:
@@ -415,11 +427,15 @@ def resumed_state(args, accelerator: Accelerator, resume_path: Path, blocks_per_
 
 
 def remaining_batches(args, accelerator: Accelerator, loop: Loop):
-    """The training batches from the loop's current step on: Accelerate's seeded epochs, the first one skipped to
-    where a resumed run stopped. A resumed run that had already finished its steps (killed while evaluating or
-    saving, or run again) gets none: it only finishes the final evaluation and save."""
+    """The training batches from the loop's current step on: the run's random windows, or Accelerate's seeded
+    epochs, skipped to where a resumed run stopped. A resumed run that had already finished its steps (killed while
+    evaluating or saving, or run again) gets none: it only finishes the final evaluation and save."""
     start_step = loop.state.completed_steps
     if start_step >= args.max_train_steps:
+        return
+    if args.sampling == "windows":  # one pass over the run's rows
+        skip = start_step * args.gradient_accumulation_steps
+        yield from accelerator.skip_first_batches(loop.train_dataloader, skip) if skip else loop.train_dataloader
         return
     start_epoch, step_in_epoch = divmod(start_step, loop.steps_per_epoch)
     for epoch in range(start_epoch, math.ceil(args.max_train_steps / loop.steps_per_epoch)):
