@@ -70,7 +70,8 @@ def finished_run(tmp_path_factory, corpus) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "optimizer_1.bin",
+                                  "random_states_0.pkl"])
 def test_a_crafted_pickle_in_a_checkpoint_is_refused_unrun(tmp_path, corpus, finished_run, capsys, name):
     """Each file a resume reads (and the file Accelerate's registered objects come from) holding a pickle that runs
     code: refused in one line naming the file; the code never runs."""
@@ -128,13 +129,15 @@ def limit_file_size(limit: int):
     return apply
 
 
-def test_a_write_failure_while_checkpointing_costs_nothing_earlier(tmp_path, corpus, finished_run):
-    """A file-size limit between the model's size and the optimizer state's: checkpoint-9 cannot be written."""
-    out = shutil.copytree(finished_run, tmp_path / "run")
+def test_a_write_failure_while_checkpointing_costs_nothing_earlier(tmp_path, corpus):
+    """A file-size limit between the model's size and the optimizer state's: checkpoint-9 cannot be written.
+    (AdamW for every weight, whose two moments outweigh the model; Muon's state is smaller than the model.)"""
+    out, adamw = tmp_path / "run", ("--optimizer", "adamw", "--checkpointing_steps", "3")
+    assert pretrain.main(train_args(corpus, out, "--max_train_steps", "6", *adamw)) == 0
     before = file_digests(out)
     model_size, optimizer_size = ((out / "checkpoint-6" / name).stat().st_size for name in ("model.safetensors", "optimizer.bin"))
     assert model_size < optimizer_size
-    args = train_args(corpus, out, "--max_train_steps", "12", "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    args = train_args(corpus, out, "--max_train_steps", "12", *adamw, "--resume_from_checkpoint", "latest")
     result = subprocess.run(PRETRAIN + args, capture_output=True, text=True, timeout=240,
                             preexec_fn=limit_file_size((model_size + optimizer_size) // 2))
     assert result.returncode == 1

@@ -165,6 +165,8 @@ def run_arguments(args: argparse.Namespace, layers: int, variant_overrides: str,
         output_dir=str(run_dir),
         overwrite_output_dir=True,
         train_file=None if args.train_file is None else [str(args.train_file)],
+        # The recipe docs/init-study.md measured (AdamW, fixed blocks, cosine to 0), not acx-rt train's newer default.
+        optimizer="adamw", sampling="epochs", adam_beta2=0.999, lr_scheduler_type="cosine", num_warmup_steps=0,
     )
 
 

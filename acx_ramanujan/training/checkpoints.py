@@ -3,7 +3,8 @@ anybody's code.
 
 A `checkpoint-STEP` folder holds exactly (one process, DDP):
   model.safetensors                    the weights (safetensors: tensors only, nothing to execute)
-  optimizer.bin, scheduler.bin         Accelerate's `save_state`: AdamW moments and the schedule's step (torch.save)
+  optimizer.bin, scheduler.bin         Accelerate's `save_state`: AdamW moments and the schedule's step (torch.save);
+  optimizer_1.bin, scheduler_1.bin     the same for Muon (`--optimizer muon`, the default)
   random_states_R.pkl (one per process) the Python, NumPy and torch RNG states (torch.save)
   config.json                          the model config: a resume refuses a different model by name
   training_state.json                  our own progress (`TrainingState`): plain JSON, never a pickle

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, set_seed
 from datasets import DatasetDict
 from huggingface_hub import get_token
 from safetensors import SafetensorError
@@ -269,6 +269,9 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
         project_dir=args.output_dir,
         dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
+    if args.optimizer == "muon" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("--optimizer muon orthogonalizes whole matrices, which FSDP and DeepSpeed shard; "
+                         "pass --optimizer adamw")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file")

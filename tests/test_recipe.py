@@ -1,0 +1,72 @@
+"""The pretraining recipe's pieces (acx_ramanujan/training/recipe.py): which parameters Muon takes, the shared
+schedule, and the random windows' rows."""
+
+import pytest
+import torch
+
+from acx_ramanujan import RamanujanConfig, RamanujanForCausalLM
+from acx_ramanujan.training.pretrain import training_arguments
+from acx_ramanujan.training.recipe import RandomWindows, make_optimizers, make_schedulers
+
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def optimizer_names(model, optimizer) -> set[str]:
+    ids = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    return {name for name, param in model.named_parameters() if id(param) in ids}
+
+
+def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
+    model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
+    adamw, muon = make_optimizers(model, training_arguments())
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert optimizer_names(model, muon) == {f"model.layers.{layer}.self_attn.{proj}.weight"
+                                            for layer in range(2) for proj in projections}
+    # embeddings, head, norms, router and the 3-D expert tensors (torch's Muon takes 2-D parameters only)
+    assert optimizer_names(model, adamw) == {name for name, _ in model.named_parameters()} - optimizer_names(model, muon)
+    assert adamw.defaults["betas"] == (0.9, 0.99)
+    decayed = {id(p) for p in adamw.param_groups[0]["params"]}
+    assert all((p.ndim >= 2) == (id(p) in decayed) for group in adamw.param_groups for p in group["params"])
+
+    dense = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny", **SHAPE))
+    _, muon = make_optimizers(dense, training_arguments())
+    assert {name.rsplit(".", 2)[-2] for name in optimizer_names(dense, muon)} == {
+        *projections, "gate_proj", "up_proj", "down_proj"}
+    [only] = make_optimizers(dense, training_arguments(optimizer="adamw"))
+    assert optimizer_names(dense, only) == {name for name, _ in dense.named_parameters()}
+
+
+def test_every_optimizer_follows_the_same_schedule_relative_to_its_peak():
+    model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny", **SHAPE))
+    args = training_arguments(max_train_steps=100)  # warmup 5 steps, cosine to 0.1 x the peak
+    optimizers = make_optimizers(model, args)
+    schedulers = make_schedulers(args, optimizers)
+    peaks = [args.learning_rate, args.muon_learning_rate]
+    rates = []
+    for _ in range(100):
+        rates.append([opt.param_groups[0]["lr"] / peak for opt, peak in zip(optimizers, peaks)])
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()  # (no gradients: changes nothing)
+            scheduler.step()
+    adamw, muon = ([rate[i] for rate in rates] for i in (0, 1))
+    assert muon == pytest.approx(adamw, rel=1e-12)
+    assert adamw[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert min(adamw[5:]) > 0.1 and optimizers[0].param_groups[0]["lr"] / peaks[0] == pytest.approx(0.1)
+
+
+def test_random_windows_are_slices_of_the_stream_fixed_by_seed_and_row():
+    stream = torch.arange(10_000)
+    windows = RandomWindows(stream, 64, 5000, seed=7)
+    rows = [windows[i]["input_ids"] for i in range(len(windows))]
+    starts = torch.tensor([int(row[0]) for row in rows])
+    assert all(torch.equal(row, stream[start:start + 64]) for row, start in zip(rows, starts.tolist()))
+    assert all(torch.equal(windows[i]["labels"], rows[i]) for i in range(10))
+    # uniform over every start 0..10000-64, not only the packed blocks' multiples of 64
+    assert starts.min() >= 0 and starts.max() <= 10_000 - 64 and (starts % 64 != 0).float().mean() > 0.9
+    assert abs(starts.float().mean().item() - (10_000 - 64) / 2) < 200
+    # a longer run (a resume with more steps) reads the same first rows; another seed other rows
+    longer = RandomWindows(stream, 64, 9000, seed=7)
+    assert all(torch.equal(longer[i]["input_ids"], rows[i]) for i in range(5000))
+    other = RandomWindows(stream, 64, 5000, seed=8)
+    assert sum(torch.equal(other[i]["input_ids"], rows[i]) for i in range(5000)) < 10
