@@ -6,7 +6,7 @@ import torch
 
 from acx_ramanujan import RamanujanConfig, RamanujanForCausalLM
 from acx_ramanujan.training.pretrain import training_arguments
-from acx_ramanujan.training.recipe import RandomWindows, make_optimizers, make_schedulers
+from acx_ramanujan.training.recipe import ExpertMuon, RandomWindows, make_optimizers, make_schedulers
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -18,13 +18,16 @@ def optimizer_names(model, optimizer) -> set[str]:
 
 def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
-    adamw, muon = make_optimizers(model, training_arguments())
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    adamw, muon, expert_muon = make_optimizers(model, training_arguments())
+    assert isinstance(adamw, torch.optim.AdamW) and type(muon) is torch.optim.Muon and isinstance(expert_muon, ExpertMuon)
     projections = ("q_proj", "k_proj", "v_proj", "o_proj")
     assert optimizer_names(model, muon) == {f"model.layers.{layer}.self_attn.{proj}.weight"
                                             for layer in range(2) for proj in projections}
-    # embeddings, head, norms, router and the 3-D expert tensors (torch's Muon takes 2-D parameters only)
-    assert optimizer_names(model, adamw) == {name for name, _ in model.named_parameters()} - optimizer_names(model, muon)
+    experts = {f"model.layers.{layer}.mlp.experts.{name}" for layer in range(2) for name in ("gate_up_proj", "down_proj")}
+    assert {id(tensor) for tensor, _ in expert_muon.pieces} == {id(model.get_parameter(name)) for name in experts}
+    # embeddings, head, norms and router
+    assert optimizer_names(model, adamw) == {name for name, _ in model.named_parameters()} - optimizer_names(
+        model, muon) - experts
     assert adamw.defaults["betas"] == (0.9, 0.99)
     decayed = {id(p) for p in adamw.param_groups[0]["params"]}
     assert all((p.ndim >= 2) == (id(p) in decayed) for group in adamw.param_groups for p in group["params"])
@@ -35,6 +38,32 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
         *projections, "gate_proj", "up_proj", "down_proj"}
     [only] = make_optimizers(dense, training_arguments(optimizer="adamw"))
     assert optimizer_names(dense, only) == {name for name, _ in dense.named_parameters()}
+
+
+def test_expert_muon_steps_each_expert_matrix_as_torch_muon_steps_a_matrix():
+    """Against torch.optim.Muon on a standalone copy of one expert's up half (gate_up's second half) and down
+    matrix; the gradients are zeroed afterwards."""
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
+    experts = model.model.layers[0].mlp.experts
+    [expert_muon] = [opt for opt in make_optimizers(model, training_arguments()) if isinstance(opt, ExpertMuon)]
+    before = {name: tensor.detach().clone() for name, tensor in experts.named_parameters()}
+    tokens = torch.randint(0, 256, (2, 16))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    grads = {name: tensor.grad.clone() for name, tensor in experts.named_parameters()}
+    for _ in range(2):  # the second step uses the momentum buffers
+        expert_muon.step()
+    half = experts.gate_up_proj.shape[1] // 2
+    for name, index in (("gate_up_proj", (1, slice(half, None))), ("down_proj", (2, slice(None)))):
+        reference = torch.nn.Parameter(before[name][index].clone())
+        muon = torch.optim.Muon([reference], lr=2e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for _ in range(2):
+            reference.grad = grads[name][index].clone()
+            muon.step()
+        assert torch.equal(experts.get_parameter(name).detach()[index], reference.detach()), name
+        assert not torch.equal(reference.detach(), before[name][index])
+    expert_muon.zero_grad()
+    assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None
 
 
 def test_every_optimizer_follows_the_same_schedule_relative_to_its_peak():
