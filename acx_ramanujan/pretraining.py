@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
 from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -47,6 +47,7 @@ from .metrics import load_metric
 from .modeling_ramanujan import RamanujanForCausalLM, expert_load
 from .saved_files import first_line
 from .tokenization_ramanujan import RamanujanByteTokenizer
+from .training.sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
 
 PROG = "acx-rt train"
 METRICS_LOG = "metrics.jsonl"
@@ -415,6 +416,8 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack):
         project_dir=args.output_dir,
         dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
+    enable_fsdp_on_cpu(accelerator)
+    accelerator.print(describe_launch(accelerator))
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file")
@@ -466,6 +469,8 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
 
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, make_optimizer(model, args), train_dataloader, eval_dataloader)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        print(describe_shards(model, accelerator), flush=True)  # every process: its own shards
     # The last batches of an epoch form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
