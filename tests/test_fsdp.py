@@ -25,13 +25,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = REPO_ROOT / "training_scripts" / "accelerate_configs"
 
 
-def launch(config_file: Path | None, args: list[str], num_processes: int = 2,
-           env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(config_file: Path | None, args: list[str], num_processes: int = 2, env: dict | None = None,
+           mixed_precision: str | None = "no") -> subprocess.CompletedProcess:
     """`accelerate launch` of training_scripts/pretrain.py as N CPU processes (ACCELERATE_USE_CPU=1), with a shipped
-    config file or none (`--multi_gpu`: plain DDP); fp32, so that runs compare with one process."""
+    config file or none (`--multi_gpu`: plain DDP); fp32 by default, so that runs compare with one process (None:
+    the config's own precision)."""
     layout = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+    precision = ["--mixed_precision", mixed_precision] if mixed_precision else []
     command = [sys.executable, "-m", "accelerate.commands.launch", *layout, "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", *precision, "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(REPO_ROOT / "training_scripts" / "pretrain.py"), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **(env or {})}
     result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
