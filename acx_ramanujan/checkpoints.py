@@ -82,6 +82,7 @@ class TrainingState:
     metrics_records: int = 0  # lines in metrics.jsonl when saved: a resume cuts the log back to them
     last_eval_step: int | None = None  # the last evaluation and its results: a finished run is not evaluated twice
     eval_results: dict = field(default_factory=dict)
+    stream_positions: list | None = None  # --streaming: each process's position in its stream (TrainStream)
 
     @classmethod
     def from_json_file(cls, path: Path) -> "TrainingState":

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, broadcast_object_list,
+                               gather_object, set_seed)
 from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -48,6 +49,8 @@ from .modeling_ramanujan import RamanujanForCausalLM, expert_load
 from .saved_files import first_line
 from .tokenization_ramanujan import RamanujanByteTokenizer
 from .training.sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
+from .training.streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
+                                 validation_rows)
 
 PROG = "acx-rt train"
 METRICS_LOG = "metrics.jsonl"
@@ -71,7 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
     data.add_argument("--text_column", default="text", help="column holding the text (json/csv/parquet/Hub)")
     data.add_argument("--block_size", type=int, default=256, help="tokens per training block (context length)")
-    data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
+    data.add_argument("--preprocessing_num_workers", type=int,
+                      help="processes for tokenization and packing; default: one per 100k rows, up to one per core")
+    data.add_argument("--streaming", action="store_true",
+                      help="read the training data as a stream, tokenized and packed on the fly, never cached whole "
+                           "(needs --max_train_steps, and --validation_file with --train_file)")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="--streaming: worker processes reading and tokenizing each process's part of the stream")
 
     model = parser.add_argument_group("model")
     model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
@@ -183,6 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id")
     if args.push_to_hub and not (args.hub_token or get_token()):
         raise ValueError("--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`")
+    check_streaming_args(args)
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
@@ -429,13 +439,20 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack):
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     with accelerator.main_process_first():
-        if args.train_file or args.dataset_name:
+        if args.streaming:
+            raw, text_column = validation_rows(args.validation_file, args.dataset_name, args.dataset_config_name,
+                                               args.text_column), args.text_column
+        elif args.train_file or args.dataset_name:
             raw, text_column = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
                                                  args.dataset_name, args.dataset_config_name, args.text_column), args.text_column
         else:
             raw, text_column = text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
         blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
                                    num_proc=args.preprocessing_num_workers)
+        if args.streaming:  # a plain dict: the train blocks are an IterableDataset, read only while training
+            blocks = {"train": stream_blocks(open_stream(args.train_file, args.dataset_name, args.dataset_config_name,
+                                                         args.text_column), tokenizer, args.block_size, args.text_column),
+                      "validation": blocks["validation"]}
     if accelerator.is_main_process:
         remove_leftovers(output_dir)
         if args.overwrite_output_dir and not resume_path:
@@ -459,20 +476,26 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
     output_dir = Path(args.output_dir)
     model = RamanujanForCausalLM(config)
     eval_bytes = count_predicted_bytes(blocks["validation"], tokenizer)
-    blocks.set_format("torch")
+    blocks["validation"].set_format("torch")
     # Loaders draw their worker seeds from their own generators, not the global RNG that dropout uses: starting
     # an (evaluation or resumed) iteration then leaves the training randomness exactly where it was.
-    train_dataloader = DataLoader(blocks["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
-                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
     eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
-
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, make_optimizer(model, args), train_dataloader, eval_dataloader)
+    if args.streaming:  # each process reads its own part of the stream (TrainStream): not for Accelerate to shard
+        train_dataloader = TrainStream(blocks["train"], args.per_device_train_batch_size, args.dataloader_num_workers,
+                                       accelerator.process_index, accelerator.num_processes, accelerator.device)
+        model, optimizer, eval_dataloader = accelerator.prepare(model, make_optimizer(model, args), eval_dataloader)
+    else:
+        train_dataloader = DataLoader(blocks["train"].with_format("torch"), shuffle=True,
+                                      batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator,
+                                      generator=torch.Generator().manual_seed(args.seed))
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, make_optimizer(model, args), train_dataloader, eval_dataloader)
     if accelerator.distributed_type == DistributedType.FSDP:
         print(describe_shards(model, accelerator), flush=True)  # every process: its own shards
     # The last batches of an epoch form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    steps_per_epoch = args.max_train_steps if args.streaming else math.ceil(
+        len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -491,6 +514,10 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
         if state.completed_steps > args.max_train_steps:
             raise BadCheckpoint(f"{resume_path} is at step {state.completed_steps}, past --max_train_steps "
                                 f"{args.max_train_steps}")
+        position = resumed_position(state, args.streaming, accelerator.process_index, accelerator.num_processes,
+                                    resume_path)
+        if position is not None:
+            train_dataloader.load_state_dict(position)
         accelerator.print(f"Resumed from {resume_path} at step {state.completed_steps}")
     start_step = state.completed_steps
     start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
@@ -501,8 +528,9 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
 
     tokens_per_step = args.block_size * blocks_per_step
     accelerator.print(
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
-        f"{args.block_size} tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{'a stream' if args.streaming else format(len(blocks['train']), ',')} of train blocks of {args.block_size} "
+        f"tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"
     )
     step_loss = torch.zeros((), device=accelerator.device)
     # A resumed run that had already finished its steps (killed while evaluating or saving, or simply run again)
@@ -511,9 +539,10 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
     bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
     with stop_requests(accelerator) as received, bar:
         for epoch in epochs:
-            train_dataloader.set_epoch(epoch)
             batches = train_dataloader
-            if epoch == start_epoch and step_in_epoch:
+            if not args.streaming:
+                train_dataloader.set_epoch(epoch)
+            if epoch == start_epoch and step_in_epoch and not args.streaming:  # a stream resumes by its position
                 batches = accelerator.skip_first_batches(train_dataloader, step_in_epoch * args.gradient_accumulation_steps)
             step_start = time.perf_counter()
             for batch in batches:
@@ -548,6 +577,8 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
                 stop = accelerator.check_trigger()
                 if (every and step % every == 0) or stop:
                     state.metrics_records = metrics_log.records
+                    if args.streaming:  # every process's position, gathered for the main process to write
+                        state.stream_positions = gather_object([train_dataloader.state_dict()])
                     path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
                 if stop:
                     bar.close()  # before the message below
