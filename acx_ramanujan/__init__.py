@@ -13,7 +13,7 @@ from .modeling_ramanujan import (
     RamanujanModel,
     RamanujanPreTrainedModel,
 )
-from .bpe import train_bpe_tokenizer
+from .training.bpe import train_bpe_tokenizer
 from .tokenization_ramanujan import RamanujanByteTokenizer
 
 __version__ = "0.1.0"

@@ -3,22 +3,20 @@
 import importlib
 import sys
 
+from .commands import OPTIONAL_PACKAGES, missing_extra_line
+
 # subcommand: (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS = {
-    "train": ("acx_ramanujan.pretraining", "pretrain a model with Accelerate (default: the tiny preset on Python's help text)"),
-    "finetune": ("acx_ramanujan.finetuning", "fine-tune a saved model with the Transformers Trainer"),
-    "tokenizer": ("acx_ramanujan.bpe", "train a byte-level BPE tokenizer (`acx-rt tokenizer train ...`)"),
+    "train": ("acx_ramanujan.training.pretrain", "pretrain a model with Accelerate (default: the tiny preset on Python's help text)"),
+    "finetune": ("acx_ramanujan.training.causal_lm", "fine-tune a saved model with the Transformers Trainer"),
+    "tokenizer": ("acx_ramanujan.training.bpe", "train a byte-level BPE tokenizer (`acx-rt tokenizer train ...`)"),
     "push": ("acx_ramanujan.hub", "push an output directory to the Hugging Face Hub"),
     "verify": ("acx_ramanujan.study.verify", "measure activations and gradients per layer at initialization"),
     "benchmark": ("acx_ramanujan.study.benchmark", "train layers x schemes x seeds and compare validation loss"),
     "visualize": ("acx_ramanujan.study.visualize", "plot variance, gradients, attention and expert load of a checkpoint"),
-    "bench-speed": ("acx_ramanujan.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
+    "bench-speed": ("acx_ramanujan.bench.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
     "export": ("acx_ramanujan.export", "export a checkpoint to ONNX, Llama/Mixtral or GGUF, verified against the model"),
 }
-
-# Packages of the optional extras (pyproject.toml) that some subcommands import.
-OPTIONAL_PACKAGES = {"peft": "train", "matplotlib": "train", "tensorboard": "train",
-                     "onnx": "export", "onnxruntime": "export", "onnxscript": "export", "gguf": "export"}
 
 
 def usage() -> str:
@@ -44,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = OPTIONAL_PACKAGES.get(package)
         if extra is None:
             raise
-        print(f"acx-rt {command}: needs the {package!r} package from the [{extra}] extra: "
-              f"pip install 'acx-ramanujan-transformer[{extra}]' (in a clone: pip install -e '.[{extra}]')", file=sys.stderr)
+        print(f"acx-rt {command}: error: {missing_extra_line(package, extra)}", file=sys.stderr)
         return 1
     return module.main(rest)
 

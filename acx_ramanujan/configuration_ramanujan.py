@@ -6,6 +6,7 @@ for those configs reads ours. Bad values raise `ValueError` naming the field, at
 
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -264,6 +265,24 @@ class RamanujanConfig(PreTrainedConfig):
         return dict(EP_PLAN) if self.is_moe else None
 
     @classmethod
+    def parse_overrides(cls, text: str | None) -> dict:
+        """`"k=v,k=v"` (e.g. `acx-rt train --config_overrides`) → {field: value}, each value parsed as its field's
+        annotated type, so `hidden_size=wide` or an unknown field is refused by name."""
+        if not text:
+            return {}
+        annotations = cls.field_types()
+        overrides = {}
+        # Split on commas that start a new `name=`, so JSON values such as rope_parameters may hold commas.
+        for item in re.split(r",(?=\s*\w+\s*=)", text):
+            name, sep, raw = (part.strip() for part in item.partition("="))
+            if not sep or not name:
+                raise ValueError(f"--config_overrides: {item!r} is not of the form key=value")
+            if name not in annotations:
+                raise ValueError(f"--config_overrides: unknown config field {name!r}")
+            overrides[name] = _parse_typed(name, raw, annotations[name])
+        return overrides
+
+    @classmethod
     def from_preset(cls, name_or_path: str, **overrides) -> "RamanujanConfig":
         """A named preset from `presets/*.json` (e.g. "tiny", "tiny-moe") or a JSON file path, plus overrides."""
         path = Path(name_or_path)
@@ -283,6 +302,32 @@ class RamanujanConfig(PreTrainedConfig):
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)} for RamanujanConfig")
         return cls(**{**values, **overrides})
+
+
+def _parse_typed(name: str, raw: str, annotation) -> object:
+    """The first member of `annotation` (e.g. `int | None`) that `raw` parses as."""
+    kinds = [typing.get_origin(kind) or kind for kind in (typing.get_args(annotation) or (annotation,))]
+    if raw.lower() in ("none", "null") and type(None) in kinds:
+        return None
+    for kind in kinds:
+        if kind is bool and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        if kind in (int, float):
+            try:
+                return kind(raw)
+            except ValueError:
+                continue
+        if kind in (dict, list):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, kind):
+                return value
+        if kind is str:
+            return raw
+    expected = " | ".join(getattr(kind, "__name__", str(kind)) for kind in kinds)
+    raise ValueError(f"--config_overrides: {name}={raw!r} is not a valid {expected}")
 
 
 def _is_instance(value: object, annotation) -> bool:

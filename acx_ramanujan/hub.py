@@ -26,11 +26,11 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from transformers import AutoConfig, AutoTokenizer
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from hub_cards import render_model_card
-
 from . import modeling_ramanujan
+from .cards import render_model_card
 from .modeling_ramanujan import RamanujanForCausalLM
-from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, weight_files
+from .commands import WorkFailed, run_command
+from .files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, weight_files
 
 # What the Hub's client raises: HTTP errors (HfHubHTTPError, an OSError) and a connection that fails (the HTTP client's
 # TransportError, which is not an OSError). A failed push also raises ValueError for bad input.
@@ -174,7 +174,7 @@ def hub_error_line(error: Exception) -> str:
 
 
 def plan_upload(output_dir, repo_id: str, include: Sequence[str] = ()) -> Upload:
-    """Check `output_dir` (`check_output_dir`) and list what a push uploads; nothing is written anywhere.
+    """Check `output_dir` (`check_push_folder`) and list what a push uploads; nothing is written anywhere.
 
     The list: config.json, generation_config.json, the weights `from_pretrained` reads (one file, or index and
     shards), the tokenizer files, the code files config.json and tokenizer_config.json name in `auto_map`, the
@@ -187,7 +187,7 @@ def plan_upload(output_dir, repo_id: str, include: Sequence[str] = ()) -> Upload
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"invalid repo id {repo_id!r}: {error}") from None
-    config, tokenizer, code_files = check_output_dir(output_dir)
+    config, tokenizer, code_files = check_push_folder(output_dir)
     tokenizer_files = TOKENIZER_FILES + sorted(type(tokenizer).vocab_files_names.values())
     chat_templates = sorted(f"{EXTRA_CHAT_TEMPLATES}/{path.name}" for path in (output_dir / EXTRA_CHAT_TEMPLATES).glob("*.jinja"))
     weights = [str(path.relative_to(output_dir)) for path in weight_files(output_dir)]
@@ -222,7 +222,7 @@ def check_inside(output_dir: Path, name: str) -> None:
                          "the directory; copy the file in if it belongs to the model")
 
 
-def check_output_dir(output_dir: Path):
+def check_push_folder(output_dir: Path):
     """Everything a `from_pretrained(repo_id, trust_remote_code=True)` will need is here and consistent.
 
     Returns the config, the tokenizer and the code files both `auto_map`s need. The card, when present, must parse;
@@ -325,22 +325,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    return run_command("acx-rt push", lambda: checked_upload(parse_args(argv)), push)
+
+
+def checked_upload(args: argparse.Namespace) -> argparse.Namespace:
+    """The folder and repo id, checked before the Hub is contacted; --dry_run lists the upload here."""
+    upload = plan_upload(args.output_dir, args.repo_id, args.include)
+    if args.dry_run:
+        upload.announce(args.repo_id, "would upload")
+    return args
+
+
+def push(args: argparse.Namespace) -> None:
+    if args.dry_run:
+        return
     try:
-        if args.dry_run:
-            plan_upload(args.output_dir, args.repo_id, args.include).announce(args.repo_id, "would upload")
-            return 0
         commit = push_to_hub(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
                              commit_message=args.commit_message, include=args.include)
     except httpx2.TransportError as error:
-        print(f"acx-rt push: cannot reach the Hub at {constants.ENDPOINT}: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, HfHubHTTPError) as error:
-        # Hub errors span several lines (status, url, hints, the server's message).
-        print(f"acx-rt push: {hub_error_line(error)}", file=sys.stderr)
-        return 1
+        raise WorkFailed(f"cannot reach the Hub at {constants.ENDPOINT}: {error}") from None
+    except (ValueError, HfHubHTTPError) as error:  # Hub errors span several lines (status, url, hints, message)
+        raise WorkFailed(hub_error_line(error)) from None
     print(f"pushed {args.output_dir} to {commit.commit_url}")
-    return 0
 
 
 if __name__ == "__main__":

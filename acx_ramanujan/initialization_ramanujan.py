@@ -94,20 +94,28 @@ def scheme_for_role(config, role: str) -> str:
 
 
 def weight_std(config, role: str, fan_in: int, fan_out: int, layer_idx: int | None = None) -> float:
-    """Standard deviation of a weight under `config.init_scheme`.
+    """Standard deviation of a weight under its scheme (`scheme_for_role`: `config.init_scheme` unless an ablation
+    switch names another for the embedding or head). Every weight's rule, per scheme:
 
-    role: "linear" or "output_projection" (decoder-layer weights, `layer_idx` set), "router",
-    "embedding", "lm_head" (untied). Sources:
-      ramanujan   seed v1.6: truncated normal (±2σ), σ = gain·scale(l)/√fan_in (the router's gain is 0.1);
-                  embedding initializer_range·√(1/peak); untied head 1/fan_in.
-      normal      GPT-2 (Radford et al. 2019): N(0, initializer_range), residual outputs ÷ √(2L).
-      xavier      Glorot & Bengio 2010, normal: √(2/(fan_in+fan_out)).
-      kaiming     He et al. 2015, normal, fan_in, gain √2: √(2/fan_in).
-      small_wang  GPT-NeoX (Black et al. 2022): small_init √(2/(5d)); wang_init for outputs 2/(L·√d).
-      mitchell    OLMo (Groeneveld et al. 2024): 1/√fan_in; outputs 1/√(2·fan_in·(l+1)).
-    Baselines use initializer_range for embeddings, lm_head and router, as Llama does.
-    Expert weights follow their decoder layer's rule with their own fan_in (per expert).
-    The embedding and head follow `scheme_for_role` (ablation switches; default: init_scheme).
+    weight (role)                          ramanujan         normal    xavier          kaiming   small_wang  mitchell
+    q/k/v, gate/up, experts' gate_up       g·s(l)/√in        r         √(2/(in+out))   √(2/in)   √(2/(5d))   1/√in
+      ("linear")
+    o_proj, down_proj, experts' down       g·s(l)/√in        r/√(2L)   √(2/(in+out))   √(2/in)   2/(L·√d)    1/√(2·in·(l+1))
+      ("output_projection")
+    router ("router")                      0.1·s(l)/√in      r         r               r         r           r
+    embedding ("embedding")                r·√(1/peak)       r         r               r         r           r
+    untied lm_head, classifier ("lm_head") 1/in              r         r               r         r           r
+    RMSNorm weights (not here)             1 in every scheme
+
+    in/out: the weight's fan-in/fan-out (per expert for fused experts); l its decoder layer (from 0); L layers;
+    d hidden size; r initializer_range; g ramanujan_gain; s(l) `ramanujan_layer_scales`; peak `ramanujan_peak`.
+    The Ramanujan scheme draws from a normal truncated at ±2σ, the others from plain normals. Sources:
+      ramanujan   the seed, ACX-Ramanujan-Transformer v1.6 (`RamanujanInitializer`).
+      normal      GPT-2 (Radford et al. 2019): N(0, r), residual outputs ÷ √(2L).
+      xavier      Glorot & Bengio 2010, normal.      kaiming  He et al. 2015, normal, fan_in, gain √2.
+      small_wang  GPT-NeoX (Black et al. 2022): small_init and wang_init.
+      mitchell    OLMo (Groeneveld et al. 2024).
+    Baselines use r for embeddings, lm_head and router, as Llama does.
     """
     scheme = scheme_for_role(config, role)
     num_layers = config.num_hidden_layers

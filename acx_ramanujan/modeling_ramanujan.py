@@ -316,17 +316,7 @@ class RamanujanDecoderLayer(GradientCheckpointingLayer):
             self.mlp = RamanujanMLP(config, config.intermediate_size)
         self.input_layernorm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # `_init_weights` only sees leaf modules: tag each weight-holding leaf with its layer and role.
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, RamanujanExperts)):
-                module._ramanujan_layer_idx = layer_idx
-                module._ramanujan_role = (
-                    "router"
-                    if isinstance(module, RamanujanRouter)
-                    else "output_projection"
-                    if name.endswith(OUTPUT_PROJECTIONS)
-                    else "linear"
-                )
+        self.layer_idx = layer_idx
 
     @accepts_past_key_values  # the model passes the cache as CACHE_NAME: the name gradient checkpointing drops
     def forward(
@@ -380,20 +370,24 @@ class RamanujanPreTrainedModel(PreTrainedModel):
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
 
-        On CPU (torch 2.13, 2 threads) it was as fast from 4 to 32 experts and faster at 64 (121 vs 141 ms per
-        nanoGPT-shape training step; docs/benchmarks.md, Scaling); pass `experts_implementation="grouped_mm"` where a
-        grouped-matmul kernel pays off (CUDA, export).
+        On CPU it was as fast from 4 to 32 experts and faster at 64 (docs/benchmarks.md, "Scaling", has the numbers);
+        pass `experts_implementation="grouped_mm"` where a grouped-matmul kernel pays off (CUDA, export).
         """
         return super().get_correct_experts_implementation(requested_experts or "eager")
 
+    def post_init(self):
+        self.weight_roles = weight_roles(self)  # before super().post_init(), which initializes the weights
+        super().post_init()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """Draw every weight from `initialization_ramanujan.weight_std` for `config.init_scheme`.
+        """Draw every weight by the rule of `config.init_scheme` for its role (`weight_roles`); the rules, one row per
+        weight and one column per scheme, are the table in `initialization_ramanujan.weight_std`.
 
-        Uses `transformers.initialization`, which skips tensors already loaded by `from_pretrained`.
-        The Ramanujan scheme draws its weights from a normal truncated at ±2σ (as the seed does); the baselines
-        draw plain normals. Each weight is drawn the way its own scheme draws (`scheme_for_role`: the ablation
-        switches can give the embedding or head another scheme than the decoder layers).
+        Transformers calls this on each module that owns parameters (remote code is initialized leaf by leaf), and
+        `transformers.initialization` skips tensors that `from_pretrained` loaded. The Ramanujan scheme draws from a
+        normal truncated at ±2σ (as the seed does), the baselines plain normals; each weight the way its own scheme
+        draws (`scheme_for_role`: the ablation switches can give the embedding or head another scheme).
         """
         config = self.config
 
@@ -404,17 +398,16 @@ class RamanujanPreTrainedModel(PreTrainedModel):
             else:
                 init.normal_(tensor, mean=0.0, std=std)
 
-        role = getattr(module, "_ramanujan_role", None)
+        # A linear outside the decoder layers is an output head (lm_head, the classifier's score): so is one that
+        # resize_token_embeddings has just made.
+        role, layer = self.weight_roles.get(module, ("lm_head", None))
         if isinstance(module, RamanujanExperts):
-            layer = module._ramanujan_layer_idx
             fill(module.gate_up_proj, "linear", module.hidden_dim, module.intermediate_dim, layer)
             fill(module.down_proj, "output_projection", module.intermediate_dim, module.hidden_dim, layer)
         elif isinstance(module, nn.Linear):
-            if role == "lm_head" and config.tie_word_embeddings:
+            if module is self.get_output_embeddings() and config.tie_word_embeddings:
                 return  # the head is the embedding matrix, initialized as such
-            layer = getattr(module, "_ramanujan_layer_idx", None)
-            # Linears outside the decoder layers are output heads (lm_head, the classifier's score).
-            fill(module.weight, role if layer is not None else "lm_head", module.in_features, module.out_features, layer)
+            fill(module.weight, role, module.in_features, module.out_features, layer)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -427,6 +420,20 @@ class RamanujanPreTrainedModel(PreTrainedModel):
             inv_freq, _ = module.compute_inv_freq(module.config, module.inv_freq.device)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
+
+
+def weight_roles(model: nn.Module) -> dict[nn.Module, tuple[str, int]]:
+    """(role for `weight_std`, decoder layer) of each weight-holding module of the decoder layers, read from its name
+    the way nanoGPT finds its `c_proj`: the router; the output projections (`o_proj`, `down_proj`, expert
+    `down_proj`), which write into the residual stream; every other linear or fused expert weight."""
+    roles = {}
+    for layer in (module for module in model.modules() if isinstance(module, RamanujanDecoderLayer)):
+        for name, module in layer.named_modules():
+            if isinstance(module, RamanujanRouter):
+                roles[module] = ("router", layer.layer_idx)
+            elif isinstance(module, (nn.Linear, RamanujanExperts)):
+                roles[module] = ("output_projection" if name.endswith(OUTPUT_PROJECTIONS) else "linear", layer.layer_idx)
+    return roles
 
 
 def check_inputs(
@@ -641,7 +648,6 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
         self.model = RamanujanModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head._ramanujan_role = "lm_head"
         self.post_init()
 
     @accepts_past_key_values

@@ -1,7 +1,7 @@
 """Bytes per token of byte-level BPE on tiny Shakespeare, for a few vocabulary sizes.
 
 The BPE is trained on the training split and measured on the held-out tail (the same 90/10 nanoGPT-style split
-`acx-rt train` uses: `acx_ramanujan.data.text_to_dataset`). The byte tokenizer is the 1.00 baseline. More bytes per
+`acx-rt train` uses: `acx_ramanujan.training.data.text_to_dataset`). The byte tokenizer is the 1.00 baseline. More bytes per
 token means shorter sequences for the same text, at the price of a larger embedding and output layer.
 
 usage: python benchmarks/bpe_compression.py [--corpus PATH] [--vocab_sizes 512 1024 2048 4096 8192]
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from acx_ramanujan import RamanujanByteTokenizer, train_bpe_tokenizer
-from acx_ramanujan.data import text_to_dataset
+from acx_ramanujan.training.data import text_to_dataset
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quality anchor (issue 4): nanoGPT's CPU recipe budget on tiny Shakespeare, for the dense `tiny` and the `tiny-moe`
+# Quality anchor: nanoGPT's CPU recipe budget on tiny Shakespeare, for the dense `tiny` and the `tiny-moe`
 # presets: 4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps, lr 1e-3 (cosine over the 2000 steps),
 # 90/10 split (the tail is validation). nanoGPT reaches a validation loss of 1.88 with this budget.
 #

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> Path:
     """A real text file of ~466 kB: the corpus `acx-rt train` embeds (Python's help text), so no test needs ../shared."""
-    from acx_ramanujan.data import default_corpus_text
+    from acx_ramanujan.training.data import default_corpus_text
 
     path = tmp_path_factory.mktemp("corpus") / "python-help.txt"
     path.write_text(default_corpus_text(), encoding="utf-8")

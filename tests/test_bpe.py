@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from acx_ramanujan import RamanujanForCausalLM, train_bpe_tokenizer
-from acx_ramanujan.bpe import main
+from acx_ramanujan.training.bpe import main
 from acx_ramanujan.cli import main as acx_rt
 
 VOCAB_SIZE = 320

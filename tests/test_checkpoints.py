@@ -20,7 +20,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from transformers import modeling_utils
 
-from acx_ramanujan import pretraining
+from acx_ramanujan.training import pretrain
+from acx_ramanujan.training.checkpoints import list_checkpoints
 from test_pretraining import REPO_ROOT, corpus, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401 (fixtures)
 
 PRETRAIN = [sys.executable, str(REPO_ROOT / "training_scripts" / "pretrain.py")]
@@ -64,7 +65,7 @@ def finished_run(tmp_path_factory, corpus) -> Path:
     """6 steps, checkpoints at 3 and 6, evaluation at 3 and at the end."""
     reset_accelerate()
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "6", "--checkpointing_steps", "3",
+    assert pretrain.main(train_args(corpus, out, "--max_train_steps", "6", "--checkpointing_steps", "3",
                                        "--eval_steps", "3")) == 0
     return out
 
@@ -77,7 +78,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_unrun(tmp_path, corpus, fin
     marker = tmp_path / "code-ran"
     torch.save({"state": WritesMarker(marker)}, checkpoint / name)
     args = train_args(corpus, tmp_path / "out", "--max_train_steps", "6", "--resume_from_checkpoint", str(checkpoint))
-    assert pretraining.main(args) == 2
+    assert pretrain.main(args) == 2
     assert not marker.exists()
     err = capsys.readouterr().err
     assert_one_line_error(err, str(checkpoint))
@@ -91,7 +92,7 @@ def test_a_finished_run_resumed_trains_no_further(tmp_path, corpus, finished_run
     before = file_digests(out)
     log = (out / "metrics.jsonl").read_text()
     (out / "model.safetensors").unlink()  # as if killed while saving the final model
-    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")) == 0
+    assert pretrain.main(train_args(corpus, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")) == 0
     assert_same_weights(finished_run / "model.safetensors", out / "model.safetensors")
     assert (out / "metrics.jsonl").read_text() == log
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == 6
@@ -100,7 +101,7 @@ def test_a_finished_run_resumed_trains_no_further(tmp_path, corpus, finished_run
         assert after[name] == before[name], name
     reset_accelerate()
     shorter = train_args(corpus, out, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
-    assert pretraining.main(shorter) == 2
+    assert pretrain.main(shorter) == 2
     assert_one_line_error(capsys.readouterr().err, "is at step 6, past --max_train_steps 5")
 
 
@@ -114,7 +115,7 @@ def test_unexpected_or_damaged_files_in_a_checkpoint_are_refused(tmp_path, corpu
     checkpoint = shutil.copytree(finished_run / "checkpoint-3", tmp_path / "checkpoint-3")
     (checkpoint / name).write_bytes(content)
     args = train_args(corpus, tmp_path / "out", "--max_train_steps", "6", "--resume_from_checkpoint", str(checkpoint))
-    assert pretraining.main(args) == 2
+    assert pretrain.main(args) == 2
     assert_one_line_error(capsys.readouterr().err, message)
 
 
@@ -153,7 +154,7 @@ def test_a_full_disk_while_saving_the_final_model_keeps_the_earlier_one(tmp_path
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", disk_full)  # what save_pretrained writes weights with
-    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")) == 1
+    assert pretrain.main(train_args(corpus, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")) == 1
     assert_one_line_error(capsys.readouterr().err, f"could not write the final model into {out} ([Errno 28] No space")
     assert [path.name for path in out.iterdir() if "partial" in path.name] == []
     assert file_digests(out) == before
@@ -178,21 +179,21 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, corp
     refused in one line; a killed run leaves no lock behind."""
     steps = ("--max_train_steps", "20", "--checkpointing_steps", "1", "--gradient_accumulation_steps", "1")
     reference, out = tmp_path / "reference", tmp_path / "run"
-    assert pretraining.main(train_args(corpus, reference, *steps)) == 0
+    assert pretrain.main(train_args(corpus, reference, *steps)) == 0
     rng = random.Random(0)
     kills = 0
     for attempt, mid_save in enumerate((False, True, False)):
-        resume = ("--resume_from_checkpoint", "latest") if pretraining.list_checkpoints(out) else ()
+        resume = ("--resume_from_checkpoint", "latest") if list_checkpoints(out) else ()
         with (tmp_path / f"attempt-{attempt}.log").open("w") as log:  # a file, not a pipe that could fill and block
             victim = subprocess.Popen(PRETRAIN + train_args(corpus, out, *steps, *resume), stdout=log, stderr=log)
         try:
             target = logged_steps(out) + rng.randint(1, 4)
-            wait_for(lambda: logged_steps(out) >= target and pretraining.list_checkpoints(out), victim)
+            wait_for(lambda: logged_steps(out) >= target and list_checkpoints(out), victim)
             if attempt == 0:
                 victim.send_signal(signal.SIGSTOP)  # paused mid-run, still holding the output dir
                 reset_accelerate()
                 second = train_args(corpus, out, *steps, "--overwrite_output_dir")
-                assert pretraining.main(second) == 2
+                assert pretrain.main(second) == 2
                 assert_one_line_error(capsys.readouterr().err, f"--output_dir {out} is in use by another acx-rt train run")
                 victim.send_signal(signal.SIGCONT)
             if mid_save:
@@ -206,7 +207,7 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, corp
             victim.wait()
     assert kills >= 2, "the runs finished before they could be killed"  # 3 here; a much faster machine may skip one
     reset_accelerate()
-    assert pretraining.main(train_args(corpus, out, *steps, "--resume_from_checkpoint", "latest")) == 0
+    assert pretrain.main(train_args(corpus, out, *steps, "--resume_from_checkpoint", "latest")) == 0
     assert_same_weights(reference / "model.safetensors", out / "model.safetensors")
     losses = [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert losses == [(r["step"], r["loss"]) for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]

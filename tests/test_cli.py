@@ -8,7 +8,7 @@ from acx_ramanujan import cli
 
 
 @pytest.mark.parametrize("command, module, package, extra", [
-    ("finetune", "acx_ramanujan.finetuning", "peft", "train"),
+    ("finetune", "acx_ramanujan.training.causal_lm", "peft", "train"),
     ("verify", "acx_ramanujan.study.verify", "matplotlib", "train"),
 ])
 def test_missing_extra_names_the_package_and_the_install(monkeypatch, capsys, command, module, package, extra):
@@ -16,7 +16,7 @@ def test_missing_extra_names_the_package_and_the_install(monkeypatch, capsys, co
     # import them first, as a real environment without peft would.
     from transformers import EvalPrediction, Trainer  # noqa: F401
 
-    for name in [name for name in sys.modules if name == module or name.startswith(("acx_ramanujan.lora", module + "."))]:
+    for name in [name for name in sys.modules if name == module or name.startswith(("acx_ramanujan.training.lora", module + "."))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ModuleNotFoundError

@@ -1,4 +1,4 @@
-"""acx_ramanujan.data: loading, nanoGPT's tail split, packing (against a plain byte-chunking reference)."""
+"""acx_ramanujan.training.data: loading, nanoGPT's tail split, packing (against a plain byte-chunking reference)."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from acx_ramanujan import RamanujanByteTokenizer
-from acx_ramanujan.data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
+from acx_ramanujan.training.data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
 
 TEXT = "".join(f"line {i}: the quick brown fox — jumps over {i % 7} lazy dogs\n" for i in range(200))
 

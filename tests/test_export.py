@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config, tiny_moe_config
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig
 
-from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export, export_onnx
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
+from acx_ramanujan.export import onnx as export_onnx
 from acx_ramanujan.modeling_ramanujan import CACHE_NAME
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -140,7 +141,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export_onnx, "export_onnx", lambda model, with_past, opset, directory: model.config.save_pretrained(directory))
     monkeypatch.setattr(export_onnx, "verify", failing_verify)
     assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == "acx-rt export: logits differ"
+    assert capsys.readouterr().err.splitlines()[-1] == "acx-rt export: error: logits differ"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint"]
 
 

@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_config, tiny_moe_config
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
-from acx_ramanujan.bpe import train_bpe_tokenizer
+from acx_ramanujan.training.bpe import train_bpe_tokenizer
 
 gguf = pytest.importorskip("gguf")  # in the [export] extra, like onnx for the ONNX tests
-from acx_ramanujan import export_gguf  # noqa: E402  (needs gguf)
+from acx_ramanujan.export import gguf as export_gguf  # noqa: E402  (needs gguf)
 
 TEXTS = ["Hello, world!", "Ramanujan ∑ 1729 — é 漢字 😀", "  two spaces\tand a tab\n", "the cat sat on the mat"]
 NEW_TOKENS = 8
@@ -77,7 +77,7 @@ def test_file_holds_the_llama_architecture_and_the_byte_vocabulary(tmp_path):
 def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, capsys, overrides, message):
     checkpoint = save_checkpoint(tmp_path / "checkpoint", tiny_config(**overrides))
     output_dir = tmp_path / "gguf"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", "gguf", "--output_dir", str(output_dir)]) == 1
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "gguf", "--output_dir", str(output_dir)]) == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not output_dir.exists()
 

@@ -11,8 +11,8 @@ from conftest import run_without_package, tiny_config, tiny_moe_config
 from safetensors.torch import load_file
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
-from acx_ramanujan.bpe import train_bpe_tokenizer
-from acx_ramanujan.export_llama import byte_tokenizer_fast
+from acx_ramanujan.training.bpe import train_bpe_tokenizer
+from acx_ramanujan.export.llama import byte_tokenizer_fast
 
 TEXTS = ["Hello, world!", "Ramanujan ∑ 1729 — é 漢字 😀", "  two spaces\tand a tab\n", "a</s>b<s>c<pad>", "the cat sat"]
 NEW_TOKENS = 6
@@ -142,16 +142,16 @@ def test_moe_without_an_exact_transformers_class_is_refused(tmp_path, capsys, ov
     checkpoint = tmp_path / "checkpoint"
     RamanujanForCausalLM(tiny_moe_config(**overrides)).save_pretrained(checkpoint)
     output_dir = tmp_path / "llama"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 1
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"acx-rt export: --format llama: {field} has no exact in-library equivalent")
+    assert err[-1].startswith(f"acx-rt export: error: --format llama: {field} has no exact in-library equivalent")
     assert not output_dir.exists()
 
 
 def test_llama_format_needs_none_of_the_export_extra():
     """`export` and `export_llama` import no ONNX or GGUF package: `--format llama` works without the [export] extra."""
     code = (
-        "import sys, acx_ramanujan.export, acx_ramanujan.export_llama\n"
+        "import sys, acx_ramanujan.export, acx_ramanujan.export.llama\n"
         "extra = ('onnx', 'onnxruntime', 'onnxscript', 'gguf')\n"
         "print(sorted({name.split('.')[0] for name in sys.modules} & set(extra)))"
     )

@@ -1,6 +1,6 @@
 """`acx-rt finetune` argument checks in finetune_trainer: --output_dir required, --resume_from_checkpoint checked.
 
-Each bad input is one `acx-rt finetune: error:` line, exit status 1, before any model is loaded or file written.
+Each bad input is one `acx-rt finetune: error:` line, exit status 2, before any model is loaded or file written.
 """
 
 import json
@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_config
 
 from acx_ramanujan import RamanujanForCausalLM
-from acx_ramanujan.finetune_trainer import parse_arguments
-from acx_ramanujan.finetuning import DataArguments, main
+from acx_ramanujan.training.finetune import parse_arguments
+from acx_ramanujan.training.causal_lm import DataArguments, main
 from acx_ramanujan.tokenization_ramanujan import RamanujanByteTokenizer
 
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0", "--max_steps", "1",
@@ -35,7 +35,7 @@ def text_file(tmp_path_factory):
 
 
 def assert_one_error_line(capsys, status, message):
-    assert status == 1
+    assert status == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error and error[-1].startswith("acx-rt finetune: error: ") and message in error[-1], error
     assert not any("Traceback" in line for line in error)
@@ -98,7 +98,7 @@ def test_resume_from_another_models_checkpoint_names_the_tensor(checkpoint, text
     output = tmp_path / "out"
     status = main(["--model_name_or_path", checkpoint, "--train_file", text_file, "--output_dir", str(output), *lora,
                    "--resume_from_checkpoint", str(saved), *QUIET])
-    assert status == 1
+    assert status == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith(f"acx-rt finetune: error: --resume_from_checkpoint {saved} is from another model: ")
     assert " has shape [" in error[-1] and " there and [" in error[-1] and not any("Traceback" in line for line in error)

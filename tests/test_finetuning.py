@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, ViTConfig
 
 from acx_ramanujan import RamanujanForCausalLM
-from acx_ramanujan import classification
-from acx_ramanujan.finetuning import DataArguments, build_trainer, encode_chat, encode_prompt_response, main
-from acx_ramanujan.finetune_trainer import parse_arguments
-from acx_ramanujan.lora import LoraArguments, lora_config
+from acx_ramanujan.training import classification
+from acx_ramanujan.training.causal_lm import DataArguments, build_trainer, encode_chat, encode_prompt_response, main
+from acx_ramanujan.training.finetune import parse_arguments
+from acx_ramanujan.training.lora import LoraArguments, lora_config
 from acx_ramanujan.modeling_ramanujan import load_balancing_loss, router_z_loss
 from acx_ramanujan.tokenization_ramanujan import RamanujanByteTokenizer
-from hub_cards import hardware_description
+from acx_ramanujan.cards import hardware_description
 
 BOS, EOS = 257, 258
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0", "--logging_steps", "1"]
@@ -143,7 +143,7 @@ def test_packed_text_run_writes_model_metrics_and_card(kind, request, text_corpu
 def test_expert_load_meter_averages_training_forwards_like_a_naive_count():
     """Logged expert load = per layer, the share of top-k assignments per expert, averaged over training forwards
     since the last read (counted here token by token); evaluation forwards are left out."""
-    from acx_ramanujan.finetune_trainer import ExpertLoadMeter
+    from acx_ramanujan.training.finetune import ExpertLoadMeter
 
     torch.manual_seed(0)
     model = RamanujanForCausalLM(tiny_moe_config())
@@ -268,12 +268,12 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(dense_checkpoin
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=1e-5)
 
 
-# --- bad input: one line on stderr, exit status 1, nothing trained --------------------------------------------------
+# --- bad input: one line on stderr, exit status 2, nothing trained --------------------------------------------------
 
 
 def assert_rejected(capsys, command, output, *arguments, message):
-    """Exit status 1, the message as the last stderr line (earlier lines: datasets' progress bars), no output."""
-    assert command(*arguments, "--output_dir", output, "--max_steps", 1) == 1
+    """Exit status 2, the message as the last stderr line (earlier lines: datasets' progress bars), no output."""
+    assert command(*arguments, "--output_dir", output, "--max_steps", 1) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in error and message in error, error
     assert not output.exists()

@@ -17,8 +17,8 @@ import torch.distributed.checkpoint as dcp
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from acx_ramanujan import pretraining
-from acx_ramanujan.checkpoints import BadCheckpoint, check_checkpoint_files
+from acx_ramanujan.training import pretrain
+from acx_ramanujan.training.checkpoints import BadCheckpoint, check_checkpoint_files
 from test_pretraining import MOE, TINY, corpus, free_port, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def shard_lines(output: str) -> dict[int, tuple[int, int, float]]:
 def test_fsdp_on_two_cpu_processes_shards_trains_like_one_and_resumes_exactly(tmp_path, corpus, overrides):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     steps = ("--max_train_steps", "4", "--checkpointing_steps", "2")
-    assert pretraining.main(train_args(corpus, one, *steps, overrides=overrides)) == 0  # batch 4, one process
+    assert pretrain.main(train_args(corpus, one, *steps, overrides=overrides)) == 0  # batch 4, one process
     fsdp_args = train_args(corpus, two, *steps, overrides=overrides)
     fsdp_args[fsdp_args.index("--per_device_train_batch_size") + 1] = "2"
     result = launch(CONFIGS / "fsdp.yaml", fsdp_args)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from acx_ramanujan import gpu_check
+from acx_ramanujan.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, train_bpe_tokenizer
 from acx_ramanujan.cli import main as acx_rt
 from acx_ramanujan.hub import push_to_hub
-from hub_cards import write_model_card
+from acx_ramanujan.cards import write_model_card
 
 TOKEN = "hf_emulator_write_token"
 PROMPT = "To be, or not"
@@ -173,7 +173,7 @@ def test_hub_push_to_an_unreachable_hub_says_so(hub, base_run, capsys):
     try:
         assert acx_rt(["push", str(base_run), "test-user/unreachable"]) == 1
         message = capsys.readouterr().err
-        assert message.startswith(f"acx-rt push: cannot reach the Hub at {hub.url}") and len(message.strip().splitlines()) == 1
+        assert message.startswith(f"acx-rt push: error: cannot reach the Hub at {hub.url}") and len(message.strip().splitlines()) == 1
     finally:
         hub.start()
 
@@ -309,7 +309,7 @@ def test_hub_push_bad_input_fails_before_any_request(hub, broken_run, case, caps
     break_run(broken_run)
     capsys.readouterr()  # drop the progress bars of breaking the run
     requests_before = len(hub.requests)
-    assert acx_rt(["push", str(broken_run), *([repo_id] if isinstance(repo_id, str) else repo_id)]) == 1
+    assert acx_rt(["push", str(broken_run), *([repo_id] if isinstance(repo_id, str) else repo_id)]) == 2
     message = capsys.readouterr().err
     assert expected in message, message
     assert message.startswith("acx-rt push: ") and len(message.strip().splitlines()) == 1
@@ -418,7 +418,7 @@ def test_hub_push_never_follows_a_link_out_of_the_directory(hub, broken_run, cap
     (broken_run.parent / "secret.txt").write_text("outside")
     (broken_run / "secret.txt").symlink_to(broken_run.parent / "secret.txt")
     requests_before = len(hub.requests)
-    assert acx_rt(["push", str(broken_run), "test-user/linked", "--include", "secret.txt"]) == 1
+    assert acx_rt(["push", str(broken_run), "test-user/linked", "--include", "secret.txt"]) == 2
     message = capsys.readouterr().err
     assert "secret.txt is a link to " in message and len(message.strip().splitlines()) == 1
     assert len(hub.requests) == requests_before
@@ -441,7 +441,7 @@ def test_hub_push_in_offline_mode_is_one_line(hub, base_run, monkeypatch, capsys
     requests_before = len(hub.requests)
     assert acx_rt(["push", str(base_run), "test-user/offline"]) == 1
     message = capsys.readouterr().err
-    assert message.startswith("acx-rt push: HF_HUB_OFFLINE is set") and len(message.strip().splitlines()) == 1
+    assert message.startswith("acx-rt push: error: HF_HUB_OFFLINE is set") and len(message.strip().splitlines()) == 1
     assert len(hub.requests) == requests_before
 
 

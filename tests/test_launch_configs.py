@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from acx_ramanujan import pretraining
+from acx_ramanujan.training import pretrain
 from test_fsdp import CONFIGS, launch
 from test_pretraining import corpus, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401
 
@@ -59,6 +59,6 @@ def test_shipped_config_runs_as_two_cpu_processes_as_written(tmp_path, corpus, c
 
 def test_one_process_says_so(tmp_path, corpus, capsys):
     """What `accelerate launch --cpu --num_processes 2` really starts (one process, accelerate#2741) is visible."""
-    assert pretraining.main(train_args(corpus, tmp_path / "run", "--max_train_steps", "1")) == 0
+    assert pretrain.main(train_args(corpus, tmp_path / "run", "--max_train_steps", "1")) == 0
     assert capsys.readouterr().out.splitlines()[0] == ("1 process, distributed type NO, backend none, device cpu, "
                                                        "mixed precision no")

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from acx_ramanujan.metrics import load_metric
+from acx_ramanujan.training.metrics import load_metric
 
 
 def naive_accuracy(predictions, references):

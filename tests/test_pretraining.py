@@ -17,10 +17,12 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from acx_ramanujan import pretraining
-from hub_cards import hardware_description
-from acx_ramanujan.data import default_corpus_text
-from acx_ramanujan.metrics import load_metric
+from acx_ramanujan import RamanujanConfig
+from acx_ramanujan.training import pretrain
+from acx_ramanujan.training.checkpoints import list_checkpoints
+from acx_ramanujan.cards import hardware_description
+from acx_ramanujan.training.data import default_corpus_text
+from acx_ramanujan.training.metrics import load_metric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2," \
@@ -74,13 +76,33 @@ def naive_eval_loss(output_dir: Path, corpus: Path) -> float:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
 
 
+def test_pretrain_is_a_function_the_study_and_tests_can_call(tmp_path, corpus):
+    """`pretrain(training_arguments(...))` runs what `acx-rt train` runs: its results are all_results.json's, and bad
+    input is an InputError (the CLI's exit status 2) before the output dir is created."""
+    from acx_ramanujan.commands import InputError
+
+    def arguments(output_dir, **values):
+        return pretrain.training_arguments(**{
+            "train_file": [str(corpus)], "config_overrides": TINY, "block_size": 32, "per_device_train_batch_size": 4,
+            "max_train_steps": 2, "output_dir": str(output_dir), **values})
+
+    results = pretrain.pretrain(arguments(tmp_path / "run"))
+    assert results == json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["train_steps"] == 2 and math.isfinite(results["eval_loss"])
+    with pytest.raises(InputError, match="block_size 128 exceeds the model's max_position_embeddings"):
+        pretrain.pretrain(arguments(tmp_path / "refused", block_size=128))
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="unknown training argument"):
+        pretrain.training_arguments(max_steps=2)  # TrainingArguments' name, not ours
+
+
 @pytest.mark.parametrize("overrides, tracking", [(TINY, ("--with_tracking", "--report_to", "tensorboard")), (MOE, ())],
                          ids=["dense", "moe"])
 def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
     out = tmp_path / "run"
     args = train_args(corpus, out, "--max_train_steps", "6", "--eval_steps", "3", "--checkpointing_steps", "3",
                       "--save_total_limit", "1", *tracking, overrides=overrides)
-    assert pretraining.main(args) == 0
+    assert pretrain.main(args) == 0
 
     for name in ("model.safetensors", "config.json", "generation_config.json", "configuration_ramanujan.py",
                  "modeling_ramanujan.py", "initialization_ramanujan.py", "tokenizer_config.json",
@@ -118,11 +140,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus):
     common = ("--max_train_steps", "14", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4")
     overrides = TINY + ",attention_dropout=0.1"
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert pretraining.main(train_args(corpus, full, *common, overrides=overrides)) == 0
+    assert pretrain.main(train_args(corpus, full, *common, overrides=overrides)) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     resume = ("--resume_from_checkpoint", str(full / "checkpoint-4"))
-    assert pretraining.main(train_args(corpus, resumed, *common, *resume, overrides=overrides)) == 0
+    assert pretrain.main(train_args(corpus, resumed, *common, *resume, overrides=overrides)) == 0
 
     full_weights, resumed_weights = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert full_weights.keys() == resumed_weights.keys()
@@ -149,20 +171,20 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus, capsy
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "Stopped by SIGTERM" in stdout
-    [checkpoint] = pretraining.list_checkpoints(out)
+    [checkpoint] = list_checkpoints(out)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert stopped_at >= 2 and not (out / "model.safetensors").exists()
 
     extra = ("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest")
     other_batch = train_args(corpus, out, *extra, "--gradient_accumulation_steps", "2")
-    assert pretraining.main(other_batch) == 2  # the data position would not match: refused
+    assert pretrain.main(other_batch) == 2  # the data position would not match: refused
     other_model = train_args(corpus, out, *extra, overrides=TINY.replace("num_hidden_layers=2", "num_hidden_layers=3"))
-    assert pretraining.main(other_model) == 2  # another model: refused before any data is read, naming the field
+    assert pretrain.main(other_model) == 2  # another model: refused before any data is read, naming the field
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the model config differs (num_hidden_layers: 2 in the checkpoint, 3 now)" in error
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    assert pretraining.main(train_args(corpus, out, *extra)) == 0
+    assert pretrain.main(train_args(corpus, out, *extra)) == 0
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == stopped_at + 2
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, stopped_at + 3))
 
@@ -176,7 +198,7 @@ def free_port() -> int:
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, corpus):
     one, two = tmp_path / "one", tmp_path / "two"
     steps = ("--max_train_steps", "4")
-    assert pretraining.main(train_args(corpus, one, *steps)) == 0  # per-device batch 4, one process
+    assert pretrain.main(train_args(corpus, one, *steps)) == 0  # per-device batch 4, one process
     ddp_args = train_args(corpus, two, *steps)
     ddp_args[ddp_args.index("--per_device_train_batch_size") + 1] = "2"
     # `accelerate launch --cpu --num_processes 2` starts a single process (accelerate issue #2741: multi-CPU
@@ -202,7 +224,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
 def test_bf16_autocast_on_cpu_trains(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = tmp_path / "run"
-    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "3")) == 0
+    assert pretrain.main(train_args(corpus, out, "--max_train_steps", "3")) == 0
     assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
@@ -212,10 +234,10 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, corpus, monkeypatch):
 def test_torch_compile_trains_and_saves_plain_weight_names(tmp_path, corpus, monkeypatch):
     """Dynamo's `eager` backend (the launcher's choice via ACCELERATE_DYNAMO_BACKEND): same math, no C++ build."""
     plain, compiled = tmp_path / "plain", tmp_path / "compiled"
-    assert pretraining.main(train_args(corpus, plain, "--max_train_steps", "2")) == 0
+    assert pretrain.main(train_args(corpus, plain, "--max_train_steps", "2")) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
-    assert pretraining.main(train_args(corpus, compiled, "--max_train_steps", "2", "--torch_compile")) == 0
+    assert pretrain.main(train_args(corpus, compiled, "--max_train_steps", "2", "--torch_compile")) == 0
     plain_weights, compiled_weights = load_file(plain / "model.safetensors"), load_file(compiled / "model.safetensors")
     assert compiled_weights.keys() == plain_weights.keys()  # no torch.compile `_orig_mod.` prefix
     for name in plain_weights:
@@ -234,11 +256,11 @@ def test_perplexity_metric_against_a_naive_sum():
 def test_checkpointing_every_epoch(tmp_path, corpus, capsys):
     """`--checkpointing_steps epoch` saves when each epoch's last step completes: after 2 epochs, at E and 2E steps."""
     out = tmp_path / "run"
-    assert pretraining.main(train_args(corpus, out, "--num_train_epochs", "2", "--checkpointing_steps", "epoch")) == 0
+    assert pretrain.main(train_args(corpus, out, "--num_train_epochs", "2", "--checkpointing_steps", "epoch")) == 0
     steps = json.loads((out / "all_results.json").read_text())["train_steps"]
-    assert [path.name for path in pretraining.list_checkpoints(out)] == [f"checkpoint-{steps // 2}", f"checkpoint-{steps}"]
+    assert [path.name for path in list_checkpoints(out)] == [f"checkpoint-{steps // 2}", f"checkpoint-{steps}"]
     with pytest.raises(SystemExit) as exit_info:
-        pretraining.parse_args(["--checkpointing_steps", "weekly"])
+        pretrain.parse_args(["--checkpointing_steps", "weekly"])
     assert exit_info.value.code == 2
     assert "expected a positive integer or 'epoch', got 'weekly'" in capsys.readouterr().err
 
@@ -249,12 +271,12 @@ def test_text_column_of_a_json_file(tmp_path, corpus):
     lines = corpus.read_text().splitlines(keepends=True)
     rows.write_text("".join(json.dumps({"id": i, "content": line}) + "\n" for i, line in enumerate(lines)))
     out = tmp_path / "run"
-    assert pretraining.main(train_args(rows, out, "--max_train_steps", "2", "--text_column", "content")) == 0
+    assert pretrain.main(train_args(rows, out, "--max_train_steps", "2", "--text_column", "content")) == 0
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == 2
 
 
 def test_config_overrides_are_typed_from_the_config_fields():
-    parsed = pretraining.parse_config_overrides(
+    parsed = RamanujanConfig.parse_overrides(
         'hidden_size=64,init_scheme=xavier,tie_word_embeddings=true,ramanujan_depth=None,ramanujan_gain=2,'
         'rope_parameters={"rope_type": "default", "rope_theta": 500.0}')
     assert parsed == {"hidden_size": 64, "init_scheme": "xavier", "tie_word_embeddings": True,
@@ -295,7 +317,7 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, corpus, capsys, monkey
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "config.json").write_text("{}")
     args = train_args(corpus, tmp_path / "run") + [item.format(tmp=tmp_path) for item in extra]
-    assert pretraining.main(args) == 2
+    assert pretrain.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("acx-rt train: error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
@@ -313,7 +335,7 @@ def test_push_to_hub_uploads_the_finished_run(tmp_path, corpus, monkeypatch):
         point_client_at(hub, monkeypatch)
         args = train_args(corpus, tmp_path / "run", "--max_train_steps", "1", "--push_to_hub",
                           "--hub_model_id", "test-user/tiny-run")
-        assert pretraining.main(args) == 0
+        assert pretrain.main(args) == 0
         files = set(HfApi().list_repo_files("test-user/tiny-run"))
     finally:
         hub.stop()
@@ -330,7 +352,7 @@ def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_run(tmp_path, corp
     hub.stop()  # nothing listens at its address now
     args = train_args(corpus, tmp_path / "run", "--max_train_steps", "1", "--push_to_hub",
                       "--hub_model_id", "test-user/tiny-run")
-    assert pretraining.main(args) == 1
+    assert pretrain.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("acx-rt train: error: the push to the Hub failed (") and "Traceback" not in "\n".join(err)
     assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM
 from acx_ramanujan.cli import main as acx_rt
-from acx_ramanujan.saved_files import check_saved_weights
+from acx_ramanujan.files import check_saved_weights
 
 POISONED = "model.layers.1.mlp.down_proj.weight"
 
@@ -94,13 +94,13 @@ def finetune_argv(checkpoint, tmp_path) -> list[str]:
 
 # command: (arguments for a checkpoint and a scratch folder, exit status, start of the error line)
 COMMANDS = {
-    "finetune": (finetune_argv, 1, "acx-rt finetune: error: "),
+    "finetune": (finetune_argv, 2, "acx-rt finetune: error: "),
     "export": (lambda checkpoint, tmp_path: ["export", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")],
-               1, "acx-rt export: "),
+               2, "acx-rt export: error: "),
     "visualize": (lambda checkpoint, tmp_path: ["visualize", "--checkpoint", str(checkpoint), "--output_dir",
                                                 str(tmp_path / "out"), "--type", "variance"], 2, "acx-rt visualize: error: "),
     # --dry_run runs every local check without the Hub; test_hub shows that a failing check sends no request.
-    "push": (lambda checkpoint, tmp_path: ["push", str(checkpoint), "test-user/damaged", "--dry_run"], 1, "acx-rt push: "),
+    "push": (lambda checkpoint, tmp_path: ["push", str(checkpoint), "test-user/damaged", "--dry_run"], 2, "acx-rt push: error: "),
 }
 
 

@@ -5,10 +5,10 @@ and checkpoint files (a real `acx-rt train` checkpoint)."""
 import pytest
 import torch
 
-from acx_ramanujan import pretraining
+from acx_ramanujan.training import pretrain
 from acx_ramanujan.bench import scaling
 from acx_ramanujan.configuration_ramanujan import RamanujanConfig
-from acx_ramanujan.speed import counted_flops, train_step
+from acx_ramanujan.bench.speed import counted_flops, train_step
 from test_pretraining import corpus, fresh_accelerate_state, train_args  # noqa: F401
 
 BASE = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
@@ -62,7 +62,7 @@ def test_training_states_are_16_bytes_per_parameter(moe):
 
 def test_checkpoint_sizes_match_a_real_checkpoint(tmp_path, corpus):
     out = tmp_path / "run"
-    assert pretraining.main(train_args(corpus, out, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
+    assert pretrain.main(train_args(corpus, out, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
     cfg = RamanujanConfig.from_json_file(str(out / "config.json"))
     predicted = scaling.checkpoint_bytes(scaling.parameter_counts(cfg))
     checkpoint = out / "checkpoint-1"

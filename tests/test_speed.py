@@ -6,8 +6,8 @@ from conftest import tiny_config
 
 from acx_ramanujan import RamanujanForCausalLM
 from acx_ramanujan.modeling_ramanujan import CACHE_NAME
-from acx_ramanujan.speed import NUM_EXPERTS, SHAPES, build, model_configs
-from acx_ramanujan.speed_bounds import bare_decode_step
+from acx_ramanujan.bench.speed import NUM_EXPERTS, SHAPES, build, model_configs
+from acx_ramanujan.bench.bounds import bare_decode_step
 
 
 def parameter_shapes(model) -> list[tuple[int, ...]]:

@@ -12,8 +12,8 @@ import torch
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
-from acx_ramanujan import data, pretraining
-from acx_ramanujan.data import default_corpus_text
+from acx_ramanujan.training import data, pretrain
+from acx_ramanujan.training.data import default_corpus_text
 from acx_ramanujan.tokenization_ramanujan import RamanujanByteTokenizer
 from acx_ramanujan.training.streaming import TrainStream, open_stream, stream_blocks
 from test_fsdp import launch
@@ -118,7 +118,7 @@ def test_a_dataset_folder_streams_with_its_validation_split(tmp_path):
     out = tmp_path / "run"
     args = ["--streaming", "--dataset_name", str(tmp_path / "corpus"), "--config_overrides", TINY, "--block_size",
             str(BLOCK), "--per_device_train_batch_size", "2", "--max_train_steps", "3", "--output_dir", str(out)]
-    assert pretraining.main(args) == 0
+    assert pretrain.main(args) == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert math.isfinite(results["eval_loss"])
     assert json.loads((out / "all_results.json").read_text())["train_tokens"] == 3 * 2 * BLOCK
@@ -137,7 +137,7 @@ def test_streaming_bad_input_is_one_line(tmp_path, text_shards, capsys, extra, d
     if drop_validation:
         at = args.index("--validation_file")
         del args[at : at + 2]
-    assert pretraining.main(args) == 2
+    assert pretrain.main(args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"acx-rt train: error: {message}"
     assert not (tmp_path / "run").exists()
 
@@ -145,13 +145,13 @@ def test_streaming_bad_input_is_one_line(tmp_path, text_shards, capsys, extra, d
 def test_a_checkpoint_resumes_only_the_way_it_was_saved(tmp_path, text_shards, capsys):
     shards, validation = text_shards
     streamed = tmp_path / "streamed"
-    assert pretraining.main(streaming_args(shards, validation, streamed, "--max_train_steps", "2",
+    assert pretrain.main(streaming_args(shards, validation, streamed, "--max_train_steps", "2",
                                            "--checkpointing_steps", "2")) == 0
     fresh_accelerate_state_reset()
     plain = ["--train_file", shards[0], "--validation_file", str(validation), "--config_overrides", TINY,
              "--block_size", str(BLOCK), "--per_device_train_batch_size", "2", "--max_train_steps", "2",
              "--output_dir", str(tmp_path / "plain"), "--resume_from_checkpoint", str(streamed / "checkpoint-2")]
-    assert pretraining.main(plain) == 2
+    assert pretrain.main(plain) == 2
     assert "was saved by a run with --streaming; resume it the same way" in capsys.readouterr().err
 
 

@@ -4,7 +4,7 @@
 
 import sys
 
-from acx_ramanujan.classification import main
+from acx_ramanujan.training.classification import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

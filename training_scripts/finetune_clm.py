@@ -4,7 +4,7 @@ every `TrainingArguments` flag included."""
 
 import sys
 
-from acx_ramanujan.finetuning import main
+from acx_ramanujan.training.causal_lm import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""`acx-rt benchmark`: train layers × variants × seeds through `acx-rt train` and compare validation loss.
+"""`acx-rt benchmark`: train layers × variants × seeds with `pretrain` (`acx-rt train`'s loop) and compare validation loss.
 
 A variant is an init scheme (`--schemes normal,ramanujan`) or a named set of config overrides
 (`--variant "ram-no-embed:init_scheme=ramanujan,embedding_init_scheme=normal"`), so any ablation of the
@@ -17,19 +17,21 @@ import json
 import math
 import shlex
 import statistics
-import sys
 import types
 from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from .. import pretraining
+from ..configuration_ramanujan import RamanujanConfig
 from ..initialization_ramanujan import INIT_SCHEMES
-from ..atomic_files import write_json_atomically, write_text_atomically
-from ..data import check_data_files
-from ..saved_files import read_json_object
-from .reporting import markdown_table, parse_name_list, save_figure
+from ..training.data import check_data_files
+from ..commands import InputError, WorkFailed, run_command
+from ..files import read_json_object, write_json_atomically, write_text_atomically
+from ..reporting import markdown_table, parse_name_list, save_figure
+from ..tokenization_ramanujan import RamanujanByteTokenizer
+from ..training.progress import METRICS_LOG
+from ..training.pretrain import build_config, pretrain, training_arguments
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,14 +78,14 @@ def check_args(args: argparse.Namespace) -> None:
     args.variants = variants
     if args.train_file is not None:
         check_data_files([str(args.train_file)])
-    tokenizer = pretraining.load_tokenizer(None)  # what every run trains with: the byte tokenizer
+    tokenizer = RamanujanByteTokenizer()  # what every run trains with
     for layers in args.layers:
         for name, overrides in variants.items():
             # The config checks `acx-rt train` makes (field values, vocab size, block size vs max positions).
             train_args = types.SimpleNamespace(config_name=preset(args), block_size=args.block_size,
                                                config_overrides=run_overrides(args, layers, overrides))
             try:
-                pretraining.build_config(train_args, tokenizer)
+                build_config(train_args, tokenizer)
             except (ValueError, TypeError) as error:
                 raise ValueError(f"variant {name!r} at {layers} layers: {error}") from None
     check_finished_runs(args)
@@ -135,7 +137,7 @@ def same_setting(key: str, old, new) -> bool:
     if old == new or key != "config_overrides" or not isinstance(old, str):
         return old == new
     try:
-        return pretraining.parse_config_overrides(old) == pretraining.parse_config_overrides(new)
+        return RamanujanConfig.parse_overrides(old) == RamanujanConfig.parse_overrides(new)
     except ValueError:  # e.g. a field this version no longer has
         return False
 
@@ -149,28 +151,27 @@ def run_overrides(args: argparse.Namespace, layers: int, variant_overrides: str)
     return ",".join(part for part in (args.config_overrides, f"num_hidden_layers={layers}", variant_overrides) if part)
 
 
-def train_argv(args: argparse.Namespace, layers: int, variant_overrides: str, seed: int, run_dir: Path) -> list[str]:
-    argv = [
-        "--config_name", preset(args),
-        "--config_overrides", run_overrides(args, layers, variant_overrides),
-        "--block_size", str(args.block_size),
-        "--per_device_train_batch_size", str(args.per_device_train_batch_size),
-        "--per_device_eval_batch_size", "64",
-        "--learning_rate", str(args.learning_rate),
-        "--max_train_steps", str(args.max_train_steps),
-        "--seed", str(seed),
-        "--output_dir", str(run_dir),
-        "--overwrite_output_dir",
-    ]
-    if args.train_file is not None:
-        argv += ["--train_file", str(args.train_file)]
-    return argv
+def run_arguments(args: argparse.Namespace, layers: int, variant_overrides: str, seed: int, run_dir: Path):
+    """The `pretrain` arguments of one run: the benchmark's budget, this variant's config, this seed."""
+    return training_arguments(
+        config_name=preset(args),
+        config_overrides=run_overrides(args, layers, variant_overrides),
+        block_size=args.block_size,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=args.learning_rate,
+        max_train_steps=args.max_train_steps,
+        seed=seed,
+        output_dir=str(run_dir),
+        overwrite_output_dir=True,
+        train_file=None if args.train_file is None else [str(args.train_file)],
+    )
 
 
 def read_run(run_dir: Path) -> dict:
     """Final validation loss, initial (step-1) training loss, steps/s and the training-loss curve of a finished run."""
     results = json.loads((run_dir / "all_results.json").read_text())
-    records = [json.loads(line) for line in (run_dir / pretraining.METRICS_LOG).read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / METRICS_LOG).read_text().splitlines()]
     train_losses = [record["loss"] for record in records if "loss" in record]
     final, initial = results["eval_loss"], train_losses[0]
     return {
@@ -182,18 +183,15 @@ def read_run(run_dir: Path) -> dict:
     }
 
 
-class RunFailed(Exception):
-    """A training run of the benchmark exited non-zero (its own error is printed above)."""
-
-
 def run_all(args: argparse.Namespace) -> dict:
     """(layers, variant, seed) → run record; finished runs (checked by check_finished_runs) are read back."""
     runs = {}
     for layers, name, overrides, seed, run_dir in planned_runs(args):
         if not is_finished(run_dir):
-            status = pretraining.main(train_argv(args, layers, overrides, seed, run_dir))
-            if status != 0:
-                raise RunFailed(f"training run {run_dir} failed with exit status {status} (its error is above)")
+            try:
+                pretrain(run_arguments(args, layers, overrides, seed, run_dir))
+            except (InputError, WorkFailed) as error:  # a run's input error is this benchmark's failure
+                raise WorkFailed(f"training run {run_dir} failed: {error}") from None
         runs[(layers, name, seed)] = read_run(run_dir)
     return runs
 
@@ -263,16 +261,10 @@ def plot_curves(args: argparse.Namespace, runs: dict, path: Path, window: int = 
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except ValueError as error:
-        print(f"acx-rt benchmark: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        runs = run_all(args)
-    except RunFailed as error:
-        print(f"acx-rt benchmark: error: {error}", file=sys.stderr)
-        return 1
+    return run_command("acx-rt benchmark", lambda: parse_args(argv), lambda args: report(args, argv, run_all(args)))
+
+
+def report(args: argparse.Namespace, argv: list[str], runs: dict) -> None:
     rows = summarize(args, runs)
     records = {f"{layers}L-{name}-seed{seed}": {k: v for k, v in run.items() if k != "train_loss"}
                for (layers, name, seed), run in runs.items()}
@@ -281,4 +273,3 @@ def main(argv: list[str]) -> int:
     write_text_atomically(args.output_dir / "benchmark.md", markdown_report(args, argv, rows))
     plot_curves(args, runs, args.output_dir / "benchmark_loss.png")
     print(markdown_report(args, argv, rows))
-    return 0

@@ -9,20 +9,20 @@ Two experiments, written to --output_dir as verify.json, verify.md and PNG plots
 
 import argparse
 import shlex
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
+from ..commands import run_command
 from ..configuration_ramanujan import RamanujanConfig
 from ..initialization_ramanujan import INIT_SCHEMES
 from ..modeling_ramanujan import RamanujanForCausalLM
 from .chains import ACTIVATIONS, chain_closed_form_log10, chain_measured_log10
 from .probes import byte_token_batch, layer_gradient_norms, residual_rms_per_layer
-from ..atomic_files import write_json_atomically, write_text_atomically
-from .reporting import markdown_table, parse_name_list, save_figure
+from ..files import write_json_atomically, write_text_atomically
+from ..reporting import markdown_table, parse_name_list, save_figure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -189,11 +189,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except ValueError as error:
-        print(f"acx-rt verify: error: {error}", file=sys.stderr)
-        return 2
+    return run_command("acx-rt verify", lambda: parse_args(argv), lambda args: verify_and_report(args, argv))
+
+
+def verify_and_report(args: argparse.Namespace, argv: list[str]) -> None:
     run(args, argv)
     print(f"wrote verify.json, verify.md and plots to {args.output_dir}")
-    return 0

@@ -7,18 +7,18 @@ Gradients are those of the LM loss on the prompt.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 from transformers import AutoTokenizer
 
+from ..commands import run_command
 from ..modeling_ramanujan import RamanujanForCausalLM
-from ..saved_files import check_saved_weights
+from ..files import check_saved_weights
 from ..tokenization_ramanujan import RamanujanByteTokenizer
 from .probes import attention_maps, expert_load_per_layer, layer_gradients, residual_stream
-from .reporting import save_figure
+from ..reporting import save_figure
 
 PLOT_TYPES = ("variance", "gradients", "attention", "experts")
 DEFAULT_PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
@@ -103,20 +103,24 @@ PLOTTERS = {"variance": plot_variance, "gradients": plot_gradients, "attention":
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-        model, tokenizer = load(args.checkpoint)
-        if args.type == "experts" and not model.config.is_moe:
-            raise ValueError(f"--type experts needs a mixture-of-experts checkpoint; {args.checkpoint} is dense")
-        input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
-        if input_ids.shape[1] > model.config.max_position_embeddings:
-            raise ValueError(f"--prompt is {input_ids.shape[1]} tokens; the model takes at most "
-                             f"{model.config.max_position_embeddings}")
-    except ValueError as error:
-        print(f"acx-rt visualize: error: {error}", file=sys.stderr)
-        return 2
+    return run_command("acx-rt visualize", lambda: checked_inputs(parse_args(argv)), plot_all)
+
+
+def checked_inputs(args: argparse.Namespace):
+    """The checkpoint (loaded) and the prompt (tokenized), refused by name when they cannot be plotted."""
+    model, tokenizer = load(args.checkpoint)
+    if args.type == "experts" and not model.config.is_moe:
+        raise ValueError(f"--type experts needs a mixture-of-experts checkpoint; {args.checkpoint} is dense")
+    input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+    if input_ids.shape[1] > model.config.max_position_embeddings:
+        raise ValueError(f"--prompt is {input_ids.shape[1]} tokens; the model takes at most "
+                         f"{model.config.max_position_embeddings}")
+    return args, model, input_ids
+
+
+def plot_all(checked) -> None:
+    args, model, input_ids = checked
     kinds = [args.type] if args.type != "all" else [k for k in PLOT_TYPES if k != "experts" or model.config.is_moe]
     for kind in kinds:
         PLOTTERS[kind](model, input_ids, args.output_dir / f"{kind}.png")
     print(f"wrote {', '.join(f'{kind}.png' for kind in kinds)} to {args.output_dir}")
-    return 0

@@ -21,8 +21,8 @@ from datasets import DatasetDict, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..checkpoints import BadCheckpoint, TrainingState
-from ..data import check_block_size, data_files_builder, load_text_files, pack_rows, tokenize_rows
+from .checkpoints import BadCheckpoint, TrainingState
+from .data import check_block_size, data_files_builder, load_text_files, pack_rows, tokenize_rows
 
 # Rows tokenized and packed together: a batch wastes at most block_size - 1 tokens at its end.
 PACK_ROWS = 1_000

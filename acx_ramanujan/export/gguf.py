@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from transformers import MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from .export import ExportError
-from .export_llama import UnrepresentableError, fast_tokenizer, pairs_adjacent, to_transformers_model
-from .saved_files import first_line
+from ..commands import InputError
+from . import ExportError
+from .llama import UnrepresentableError, fast_tokenizer, pairs_adjacent, to_transformers_model
+from ..files import first_line
 
 OUTTYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, None),
@@ -212,7 +213,7 @@ def export(model: PreTrainedModel, checkpoint: Path, args, directory: Path) -> t
             raise GgufError("the checkpoint has no tokenizer.json and no byte tokenizer, and a GGUF file carries one")
         path = export_gguf(target, tokenizer, outtype, directory)
     except (UnrepresentableError, GgufError) as error:
-        raise ExportError(f"--format gguf: {error}") from None
+        raise InputError(f"--format gguf: {error}") from None
     return [path.name], verify(path, model, tokenizer, outtype)
 
 

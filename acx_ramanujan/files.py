@@ -1,15 +1,46 @@
-"""Reading what `save_pretrained` and the Trainer wrote, without loading it: JSON objects and safetensors files.
+"""Files on disk, both ways: written whole or not at all, and read back (without loading) with one-line errors.
 
-Each reader raises ValueError naming the file, so every command can turn a bad file into its one-line error.
-`check_saved_weights` is the one check that finetune, export, visualize and push run on a checkpoint's weights.
+Writing: write beside the target under a temporary name, then rename once, so a reader (or a run interrupted
+mid-write) never sees half a file. The temporary name is ordinary, so the file gets the usual umask permissions.
+
+Reading what `save_pretrained` and the Trainer wrote (JSON objects, safetensors headers): each reader raises
+ValueError naming the file, so every command can turn a bad file into its one-line error. `check_saved_weights`
+is the one check that finetune, export, visualize and push run on a checkpoint's weights.
 """
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary_path)`, then rename the result to `path`; the temporary is removed if writing fails.
+
+    The temporary keeps `path`'s suffix, so writers that infer the format from it (matplotlib's savefig) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path: str | os.PathLike, data) -> Path:
+    """Indented JSON with a final newline (NaN and infinities written as JSON's extension allows)."""
+    return write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

@@ -15,12 +15,12 @@ import torch
 from datasets import ClassLabel, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
 
-from .finetune_trainer import (
+from .finetune import (
     DataSourceArguments,
     ModelArguments,
     check_columns,
     load_checkpoint_config,
-    load_tokenizer,
+    load_checkpoint_tokenizer,
     make_trainer,
     run_cli,
 )
@@ -74,7 +74,7 @@ def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, training_args):
     """Check every input, tokenize, load the model with a new head (+ LoRA). Raises ValueError on bad input."""
     config = load_checkpoint_config(model_args, AutoModelForSequenceClassification, "sequence-classification")
-    tokenizer = load_tokenizer(model_args, config)
+    tokenizer = load_checkpoint_tokenizer(model_args, config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # the usual choice for decoder-only tokenizers without one
     raw_datasets = data_args.load(data_args.text_column)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..atomic_files import write_atomically  # noqa: E402
+from .files import write_atomically  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:

@@ -20,24 +20,24 @@ from pathlib import Path
 
 import torch
 
-from .cli import OPTIONAL_PACKAGES
-from .configuration_ramanujan import RamanujanConfig
-from .modeling_ramanujan import RamanujanForCausalLM
-from .saved_files import check_saved_weights, first_line, read_json_object
+from ..commands import OPTIONAL_PACKAGES, WorkFailed, run_command
+from ..configuration_ramanujan import RamanujanConfig
+from ..modeling_ramanujan import RamanujanForCausalLM
+from ..files import check_saved_weights, first_line, read_json_object
 
 # format: (module that writes and verifies it, packages of the [export] extra it imports)
 FORMATS = {
-    "onnx": ("acx_ramanujan.export_onnx", ("onnx", "onnxruntime", "onnxscript")),
-    "llama": ("acx_ramanujan.export_llama", ()),
-    "gguf": ("acx_ramanujan.export_gguf", ("gguf",)),
+    "onnx": ("acx_ramanujan.export.onnx", ("onnx", "onnxruntime", "onnxscript")),
+    "llama": ("acx_ramanujan.export.llama", ()),
+    "gguf": ("acx_ramanujan.export.gguf", ("gguf",)),
 }
 # The dynamo exporter writes opsets from torchlib's 18 up to torch.onnx's ONNX_MAX_OPSET (23 in torch 2.13).
 OPSET_RANGE = range(18, 24)
 OUTTYPES = ("f32", "f16", "q8_0")
 
 
-class ExportError(Exception):
-    """Bad input or a failed check: reported as one line, exit status non-zero."""
+class ExportError(WorkFailed):
+    """The exported file does not compute what the model computes (exit status 1; nothing is written)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,33 +57,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Every input problem, named, before the model is loaded."""
     if args.format not in FORMATS:
-        raise ExportError(f"unknown --format {args.format!r} (supported: {', '.join(FORMATS)})")
+        raise ValueError(f"unknown --format {args.format!r} (supported: {', '.join(FORMATS)})")
     onnx_only = [flag for flag, given in (("--opset", args.opset is not None), ("--with_past", args.with_past)) if given]
     if onnx_only and args.format != "onnx":
-        raise ExportError(f"--format {args.format} does not take {', '.join(onnx_only)} (only --format onnx does)")
+        raise ValueError(f"--format {args.format} does not take {', '.join(onnx_only)} (only --format onnx does)")
     if args.outtype is not None and args.format != "gguf":
-        raise ExportError(f"--format {args.format} does not take --outtype (only --format gguf does)")
+        raise ValueError(f"--format {args.format} does not take --outtype (only --format gguf does)")
     if args.outtype is not None and args.outtype not in OUTTYPES:
-        raise ExportError(f"unknown --outtype {args.outtype!r} (supported: {', '.join(OUTTYPES)})")
+        raise ValueError(f"unknown --outtype {args.outtype!r} (supported: {', '.join(OUTTYPES)})")
     if args.opset is not None and args.opset not in OPSET_RANGE:
-        raise ExportError(f"--opset {args.opset} is outside {OPSET_RANGE.start}-{OPSET_RANGE.stop - 1}, the opsets the exporter writes")
+        raise ValueError(f"--opset {args.opset} is outside {OPSET_RANGE.start}-{OPSET_RANGE.stop - 1}, the opsets the exporter writes")
     missing = [name for name in FORMATS[args.format][1] if importlib.util.find_spec(name) is None]
     if missing:
         extra = OPTIONAL_PACKAGES[missing[0]]
-        raise ExportError(f"{', '.join(missing)} not installed: pip install 'acx-ramanujan-transformer[{extra}]'")
+        raise ValueError(f"{', '.join(missing)} not installed: pip install 'acx-ramanujan-transformer[{extra}]'")
     checkpoint, output_dir = Path(args.checkpoint), Path(args.output_dir)
     config_file = checkpoint / "config.json"
     if not config_file.is_file():
-        raise ExportError(f"--checkpoint {checkpoint} has no config.json: not a directory written by save_pretrained")
+        raise ValueError(f"--checkpoint {checkpoint} has no config.json: not a directory written by save_pretrained")
     try:
         config_values = read_json_object(config_file)
     except ValueError as error:
-        raise ExportError(f"--checkpoint {checkpoint}: {error}") from None
+        raise ValueError(f"--checkpoint {checkpoint}: {error}") from None
     model_type = config_values.get("model_type")
     if model_type != RamanujanConfig.model_type:
-        raise ExportError(f"--checkpoint {checkpoint} holds a {model_type!r} model, not a Ramanujan one (model_type 'ramanujan')")
+        raise ValueError(f"--checkpoint {checkpoint} holds a {model_type!r} model, not a Ramanujan one (model_type 'ramanujan')")
     if output_dir.exists() and not output_dir.is_dir():
-        raise ExportError(f"--output_dir {output_dir} exists and is not a directory")
+        raise ValueError(f"--output_dir {output_dir} exists and is not a directory")
 
 
 def load_model(checkpoint: Path) -> RamanujanForCausalLM:
@@ -94,7 +94,7 @@ def load_model(checkpoint: Path) -> RamanujanForCausalLM:
             checkpoint, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
         )
     except (OSError, ValueError, RuntimeError) as error:  # no weights; bad config values; weights of another shape
-        raise ExportError(f"cannot load --checkpoint {checkpoint}: {first_line(error)}") from error
+        raise ValueError(f"cannot load --checkpoint {checkpoint}: {first_line(error)}") from error
     return model.eval()
 
 
@@ -116,22 +116,26 @@ def publish(staging: Path, output_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        checkpoint, output_dir = Path(args.checkpoint), Path(args.output_dir)
-        model = load_model(checkpoint)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}-") as staging:
-            format_module = importlib.import_module(FORMATS[args.format][0])
-            written, lines = format_module.export(model, checkpoint, args, Path(staging))
-            publish(Path(staging), output_dir)
-    except ExportError as error:
-        print(f"acx-rt export: {error}", file=sys.stderr)
-        return 1
+    return run_command("acx-rt export", lambda: checked_model(parse_args(argv)), write_and_verify)
+
+
+def checked_model(args: argparse.Namespace):
+    """Bad input, named before the export: the flags, then the checkpoint (loaded here)."""
+    check_args(args)
+    return args, load_model(Path(args.checkpoint))
+
+
+def write_and_verify(checked) -> None:
+    """Write the format into a staging folder beside --output_dir, verify it, then move it into place."""
+    args, model = checked
+    output_dir = Path(args.output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}-") as staging:
+        format_module = importlib.import_module(FORMATS[args.format][0])
+        written, lines = format_module.export(model, Path(args.checkpoint), args, Path(staging))
+        publish(Path(staging), output_dir)
     print(f"wrote {', '.join(written)} to {output_dir}")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import torch
 from transformers import DynamicCache
 from transformers.exporters import OnnxConfig, OnnxExporter
 
-from .configuration_ramanujan import RamanujanConfig
-from .export import ExportError, random_batch
-from .modeling_ramanujan import CACHE_NAME, RamanujanForCausalLM
+from ..configuration_ramanujan import RamanujanConfig
+from . import ExportError, random_batch
+from ..modeling_ramanujan import CACHE_NAME, RamanujanForCausalLM
 
 ONNX_FILE = "model.onnx"
 # Written beside the graph when the checkpoint has them: the tokenizer (whatever kind saved it) and generation defaults.

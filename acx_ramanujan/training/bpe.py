@@ -32,7 +32,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .tokenization_ramanujan import BYTE_VOCAB_SIZE, DEFAULT_CHAT_TEMPLATE
+from ..commands import InputError, run_command
+from ..tokenization_ramanujan import BYTE_VOCAB_SIZE, DEFAULT_CHAT_TEMPLATE
 
 PROG = "acx-rt tokenizer"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 256, 257, 258, in this order
@@ -210,20 +211,19 @@ def dataset_texts(name: str, config_name: str | None, split: str, text_column: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_command(PROG, lambda: parse_args(sys.argv[1:] if argv is None else argv), train_and_report)
+
+
+def train_and_report(args: argparse.Namespace) -> None:
+    """Read the corpus and train; bad data (a file, a Hub dataset, a vocabulary size) is an input error."""
     try:
-        if args.files:
-            corpus = args.files
-        else:
-            corpus = dataset_texts(args.dataset_name, args.dataset_config_name, args.dataset_split, args.text_column)
-        tokenizer = train_bpe_tokenizer(
-            corpus, args.vocab_size, min_frequency=args.min_frequency, output_dir=args.output_dir
-        )
+        corpus = args.files or dataset_texts(args.dataset_name, args.dataset_config_name, args.dataset_split,
+                                             args.text_column)
+        tokenizer = train_bpe_tokenizer(corpus, args.vocab_size, min_frequency=args.min_frequency,
+                                        output_dir=args.output_dir)
     except (ValueError, TypeError, OSError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        raise InputError(str(error)) from error
     print(f"{PROG}: trained a byte-level BPE of {len(tokenizer)} tokens; saved to {args.output_dir}")
-    return 0
 
 
 __all__ = ["MIN_VOCAB_SIZE", "SPECIAL_TOKENS", "train_bpe_tokenizer"]

@@ -18,9 +18,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-import acx_ramanujan
-from acx_ramanujan.atomic_files import write_text_atomically
-from acx_ramanujan.initialization_ramanujan import ramanujan_layer_scales, weight_std
+from .. import modeling_ramanujan
+from ..files import write_text_atomically
+from ..initialization_ramanujan import ramanujan_layer_scales, weight_std
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 LICENSE = "apache-2.0"
@@ -154,7 +154,7 @@ def eval_result_entries(metrics: dict[str, float], task_type: str, dataset_name:
 
 def count_parameters(config, architecture: str) -> int:
     """Parameters of the model `config` builds (tied weights counted once), built on the meta device: no memory."""
-    model_class = getattr(acx_ramanujan, architecture, acx_ramanujan.RamanujanForCausalLM)
+    model_class = getattr(modeling_ramanujan, architecture, modeling_ramanujan.RamanujanForCausalLM)
     with init_empty_weights():
         model = model_class(config)
     return model.num_parameters()

@@ -41,13 +41,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .bpe import SPECIAL_TOKENS, _renumbered_like_byte_tokenizer
-from .configuration_ramanujan import RamanujanConfig
-from .export import ExportError, random_batch
-from .initialization_ramanujan import attention_scaling
-from .modeling_ramanujan import RamanujanForCausalLM
-from .saved_files import read_json_object
-from .tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
+from ..training.bpe import SPECIAL_TOKENS, _renumbered_like_byte_tokenizer
+from ..configuration_ramanujan import RamanujanConfig
+from ..commands import InputError
+from . import ExportError, random_batch
+from ..initialization_ramanujan import attention_scaling
+from ..modeling_ramanujan import RamanujanForCausalLM
+from ..files import read_json_object
+from ..tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
 
 # Fields every exported config carries over unchanged (the names are Llama's, Mixtral's and ERNIE's too).
 SHARED_FIELDS = (
@@ -214,7 +215,7 @@ def export(model: RamanujanForCausalLM, checkpoint: Path, args, directory: Path)
     try:
         target = to_transformers_model(model)
     except UnrepresentableError as error:
-        raise ExportError(f"--format llama: {error}") from None
+        raise InputError(f"--format llama: {error}") from None
     target.save_pretrained(directory)
     tokenizer = fast_tokenizer(checkpoint)
     if tokenizer is not None:

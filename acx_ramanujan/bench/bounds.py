@@ -1,4 +1,4 @@
-"""How far could any model that computes the same numbers get past Transformers' Llama and Qwen3-MoE? (issue 8)
+"""How far could any model that computes the same numbers get past Transformers' Llama and Qwen3-MoE?
 
 The speed targets are ratios of medians, ours / theirs, at fp32 on CPU. This module measures the work a model with
 identical numerics cannot skip, and so the largest ratio any such model could reach:
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from .modeling_ramanujan import CACHE_NAME
+from ..modeling_ramanujan import CACHE_NAME
 from .speed import (
     NUM_EXPERTS,
     SHAPES,

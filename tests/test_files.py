@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from acx_ramanujan.atomic_files import write_atomically, write_json_atomically, write_text_atomically
+from acx_ramanujan.files import write_atomically, write_json_atomically, write_text_atomically
 
 
 def test_writes_replace_the_target_and_leave_no_temporary(tmp_path):

@@ -12,49 +12,43 @@ With no data flags it trains the `tiny` preset on Python's own help text, so it 
 """
 
 import argparse
-import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import time
-import typing
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, broadcast_object_list,
-                               gather_object, set_seed)
-from filelock import FileLock, Timeout
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, gather_object, set_seed
+from datasets import DatasetDict
 from huggingface_hub import get_token
 from safetensors import SafetensorError
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, SchedulerType, default_data_collator, get_scheduler
 
-from hub_cards import hardware_description, write_model_card
-
-from .atomic_files import write_json_atomically, write_text_atomically
+from ..cards import hardware_description, write_model_card
+from ..commands import InputError, WorkFailed, run_command
+from ..configuration_ramanujan import RamanujanConfig
+from ..files import first_line, write_json_atomically
+from ..hub import PUSH_ERRORS, hub_error_line, push_to_hub
+from ..modeling_ramanujan import RamanujanForCausalLM
+from ..tokenization_ramanujan import RamanujanByteTokenizer
 from .checkpoints import (BadCheckpoint, SaveFailed, TrainingState, check_resume_config, find_checkpoint,
                           list_checkpoints, load_checkpoint, save_checkpoint)
-from .configuration_ramanujan import RamanujanConfig
 from .data import default_corpus_text, load_raw_datasets, text_to_dataset, tokenize_and_pack
-from .hub import PUSH_ERRORS, hub_error_line, push_to_hub
-from .metrics import load_metric
-from .modeling_ramanujan import RamanujanForCausalLM, expert_load
-from .saved_files import first_line
-from .tokenization_ramanujan import RamanujanByteTokenizer
-from .training.sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
-from .training.streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
-                                 validation_rows)
+from .evaluation import count_predicted_bytes, evaluate_model
+from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
+                       stop_requests)
+from .sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
+from .streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
+                        validation_rows)
 
-PROG = "acx-rt train"
-METRICS_LOG = "metrics.jsonl"
-LOCK_NAME = ".train.lock"
 DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
 
 
@@ -131,49 +125,6 @@ def steps_or_epoch(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected a positive integer or 'epoch', got {text!r}")
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    """`"k=v,k=v"` → {field: typed value}; each value is parsed as its RamanujanConfig field's annotated type."""
-    if not text:
-        return {}
-    annotations = RamanujanConfig.field_types()
-    overrides = {}
-    # Split on commas that start a new `name=`, so JSON values such as rope_parameters may hold commas.
-    for item in re.split(r",(?=\s*\w+\s*=)", text):
-        name, sep, raw = (part.strip() for part in item.partition("="))
-        if not sep or not name:
-            raise ValueError(f"--config_overrides: {item!r} is not of the form key=value")
-        if name not in annotations:
-            raise ValueError(f"--config_overrides: unknown config field {name!r}")
-        overrides[name] = _parse_typed(name, raw, annotations[name])
-    return overrides
-
-
-def _parse_typed(name: str, raw: str, annotation) -> object:
-    """The first member of `annotation` (e.g. `int | None`) that `raw` parses as."""
-    kinds = [typing.get_origin(kind) or kind for kind in (typing.get_args(annotation) or (annotation,))]
-    if raw.lower() in ("none", "null") and type(None) in kinds:
-        return None
-    for kind in kinds:
-        if kind is bool and raw.lower() in ("true", "false"):
-            return raw.lower() == "true"
-        if kind in (int, float):
-            try:
-                return kind(raw)
-            except ValueError:
-                continue
-        if kind in (dict, list):
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, kind):
-                return value
-        if kind is str:
-            return raw
-    expected = " | ".join(getattr(kind, "__name__", str(kind)) for kind in kinds)
-    raise ValueError(f"--config_overrides: {name}={raw!r} is not a valid {expected}")
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Errors a user can fix, found before any data is read."""
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -195,45 +146,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_streaming_args(args)
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuse to mix two runs in one folder (checked by every process, with the lock held, before any writes)."""
-    output_dir = Path(args.output_dir)
-    holds_run = output_dir.is_dir() and any(entry.name != LOCK_NAME for entry in output_dir.iterdir())
-    if holds_run and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        raise ValueError(
-            f"--output_dir {output_dir} is not empty (another run?); pass --overwrite_output_dir, "
-            "--resume_from_checkpoint, or another directory"
-        )
-
-
-@contextmanager
-def output_dir_lock(accelerator: Accelerator, output_dir: Path):
-    """One run per output dir: the main process holds an OS file lock (`filelock`) for the whole run, released when
-    the run ends or its process dies, even by kill -9. The other processes of the same launch learn the outcome
-    from it, so a refused launch stops on every process. A folder made here that is still empty at the end (bad
-    input found before training) is removed again."""
-    lock_file, refusal = output_dir / LOCK_NAME, None
-    lock, created = FileLock(lock_file, timeout=0), not output_dir.exists()
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except Timeout:
-            refusal = f"--output_dir {output_dir} is in use by another {PROG} run (lock file {lock_file})"
-    [refusal] = broadcast_object_list([refusal])
-    if refusal:
-        raise ValueError(refusal)
-    try:
-        yield
-    finally:
-        if lock.is_locked:
-            if created and [entry.name for entry in output_dir.iterdir()] == [LOCK_NAME]:
-                lock_file.unlink()  # while still held: a run starting now finds the lock taken, or no folder
-                output_dir.rmdir()
-            lock.release()
-
-
-def load_tokenizer(name: str | None):
+def load_pretraining_tokenizer(name: str | None):
+    """The byte tokenizer, or a saved one (e.g. a BPE from `acx-rt tokenizer train`)."""
     if name is None:
         return RamanujanByteTokenizer()
     if not Path(name).is_dir():
@@ -246,7 +160,7 @@ def load_tokenizer(name: str | None):
 
 def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
     """The preset plus overrides; the special token ids are the tokenizer's (an override that differs is refused)."""
-    overrides = parse_config_overrides(args.config_overrides)
+    overrides = RamanujanConfig.parse_overrides(args.config_overrides)
     config = RamanujanConfig.from_preset(args.config_name, **overrides)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if name in overrides and overrides[name] != getattr(tokenizer, name):
@@ -265,101 +179,6 @@ def build_config(args: argparse.Namespace, tokenizer) -> RamanujanConfig:
             f"({config.max_position_embeddings})"
         )
     return config
-
-
-# ---------------------------------------------------------------------------------------------- training state
-
-
-class MetricsLog:
-    """`output_dir/metrics.jsonl`: one JSON object per logged step or evaluation (main process only).
-
-    `records` counts the lines written; a checkpoint saves it, and a resume keeps only that many lines, dropping
-    what the interrupted run logged after its checkpoint (the resumed run logs it again).
-    """
-
-    def __init__(self, accelerator: Accelerator, path: Path, resume_records: int | None):
-        self.accelerator, self.path, self.records = accelerator, path, 0
-        if accelerator.is_main_process:
-            kept = []
-            if resume_records is not None and path.is_file():
-                kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:resume_records]
-                kept = [line for line in kept if line.endswith("\n")]  # a line cut by a kill is dropped
-            write_text_atomically(path, "".join(kept))
-            self.records = len(kept)
-
-    def log(self, step: int, values: dict) -> None:
-        if self.accelerator.is_main_process:
-            with self.path.open("a") as stream:
-                stream.write(json.dumps({"step": step, **values}) + "\n")
-            self.records += 1
-        scalars = {name: value for name, value in values.items() if isinstance(value, (int, float))}
-        self.accelerator.log(scalars, step=step)
-
-
-@contextmanager
-def stop_requests(accelerator: Accelerator):
-    """SIGTERM / Ctrl-C set Accelerate's cross-process trigger; the loop checks it after each optimizer step."""
-    received: list[int] = []
-
-    def request_stop(signum, frame):
-        received.append(signum)
-        accelerator.set_trigger()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-def count_predicted_bytes(dataset, tokenizer) -> float:
-    """UTF-8 bytes behind the tokens the model predicts (all but each block's first), for bits per byte.
-
-    Bytes per token is measured on the decoded validation stream: exact for the byte tokenizer (one byte per
-    token), the corpus average for BPE, as in the bits-per-byte conversion of the Pile paper (Gao et al. 2020).
-    """
-    blocks = dataset["input_ids"]
-    stream = [token for block in blocks for token in block]
-    bytes_per_token = len(tokenizer.decode(stream).encode("utf-8")) / len(stream)
-    predicted = sum(len(block) - 1 for block in blocks)
-    return predicted * bytes_per_token
-
-
-@torch.no_grad()
-def evaluate_model(accelerator, model, dataloader, num_bytes: float, config: RamanujanConfig) -> dict:
-    """Token-weighted loss, perplexity and bits per byte over the validation blocks; expert load for MoE.
-
-    The NLL is the plain next-token cross-entropy (the MoE auxiliary losses are left out).
-    """
-    model.eval()
-    metric = load_metric("perplexity")
-    load_sum, load_batches = None, 0
-    for batch in dataloader:
-        outputs = model(input_ids=batch["input_ids"], output_router_logits=config.is_moe)
-        logits, targets = outputs.logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(dim=1)
-        predicted = torch.full_like(nll, targets.shape[1], dtype=torch.long)
-        nll, predicted = accelerator.gather_for_metrics((nll, predicted))
-        metric.add_batch(predictions=nll.tolist(), references=predicted.tolist())
-        if config.is_moe:
-            load = expert_load(outputs.router_logits, config.num_experts_per_tok)
-            load_sum = load if load_sum is None else load_sum + load
-            load_batches += 1
-    model.train()
-    result = metric.compute(num_bytes=num_bytes)
-    results = {"eval_loss": result["loss"], "perplexity": result["perplexity"],
-               "bits_per_byte": result["bits_per_byte"]}
-    if config.is_moe:
-        mean_load = accelerator.reduce(load_sum / load_batches, reduction="mean")
-        results["expert_load"] = [[round(share, 6) for share in row] for row in mean_load.tolist()]
-    return results
-
-
-# ---------------------------------------------------------------------------------------------- the run
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -391,30 +210,58 @@ def compile_plugin() -> TorchDynamoPlugin:
     return TorchDynamoPlugin(backend="inductor" if backend.lower() == "no" else backend)
 
 
+# ---------------------------------------------------------------------------------------------- the run
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_command(PROG, lambda: parse_args(argv), lambda args: exit_status(pretrain(args)))
+
+
+def training_arguments(**values) -> argparse.Namespace:
+    """`acx-rt train`'s defaults with `values` in place (flag names without dashes): what code passes to `pretrain`."""
+    args = parse_args([])
+    unknown = sorted(set(values) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"unknown training argument(s): {', '.join(unknown)}")
+    return argparse.Namespace(**{**vars(args), **values})
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Train as `args` says (from `parse_args` or `training_arguments`); the results as in `all_results.json`, with
+    `stopped_by` (a signal name) when a stop request ended the run at a checkpoint.
+
+    Bad input raises InputError before any training (with every process of a launch); a failed save or push raises
+    WorkFailed, saying what was kept.
+    """
     with ExitStack() as run_scope:  # holds the output dir's lock until the run ends
         try:
             check_args(args)
             run = prepare(args, run_scope)
         except (ValueError, OSError) as error:  # bad input, found before training starts
-            return fail(error, 2)
-        try:
-            return train(args, *run)
-        except BadCheckpoint as error:
-            return fail(error, 2)
-        except OSError as error:  # disk full or a file-size limit while writing (SaveFailed names the checkpoint)
-            return fail(error, 1)
+            raise InputError(str(error)) from error
+        return train(args, run)
 
 
-def fail(error: Exception, exit_code: int) -> int:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
-    return exit_code
+def exit_status(results: dict) -> int:
+    stopped_by = results.get("stopped_by")
+    return 128 + signal.Signals[stopped_by].value if stopped_by else 0
 
 
-def prepare(args: argparse.Namespace, run_scope: ExitStack):
+@dataclass
+class Run:
+    """What `prepare` checked and built: the run's processes, tokenizer, config, packed blocks (--streaming: a plain
+    dict whose train blocks are an IterableDataset, read only while training), and resume point."""
+
+    accelerator: Accelerator
+    tokenizer: object
+    config: RamanujanConfig
+    blocks: DatasetDict | dict
+    resume_path: Path | None
+
+
+def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
     """Everything that can fail on bad input: tokenizer, config, output dir, checkpoint, data; then Accelerate."""
-    tokenizer = load_tokenizer(args.tokenizer_name)
+    tokenizer = load_pretraining_tokenizer(args.tokenizer_name)
     config = build_config(args, tokenizer)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -432,7 +279,7 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack):
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file")
     run_scope.enter_context(output_dir_lock(accelerator, output_dir))
-    check_output_dir(args)
+    check_output_dir_is_free(args)
     resume_path = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     if resume_path is not None:
         check_resume_config(resume_path, config)
@@ -449,7 +296,7 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack):
             raw, text_column = text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
         blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
                                    num_proc=args.preprocessing_num_workers)
-        if args.streaming:  # a plain dict: the train blocks are an IterableDataset, read only while training
+        if args.streaming:
             blocks = {"train": stream_blocks(open_stream(args.train_file, args.dataset_name, args.dataset_config_name,
                                                          args.text_column), tokenizer, args.block_size, args.text_column),
                       "validation": blocks["validation"]}
@@ -459,23 +306,92 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack):
             for stale in list_checkpoints(output_dir):
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
-    return accelerator, tokenizer, config, blocks, resume_path
+    return Run(accelerator, tokenizer, config, blocks, resume_path)
 
 
-def remove_leftovers(output_dir: Path) -> None:
-    """Half-written folders and files of a run that was killed (`.checkpoint-N.partial`, `.final.partial`, ...):
-    with the lock held, no other run can be writing them."""
-    for leftover in [*output_dir.glob(".*.partial*"), *output_dir.glob(".*.deleting")]:
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+@dataclass
+class Loop:
+    """The prepared (wrapped) training objects and the progress a resumed run starts from."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    train_dataloader: DataLoader | TrainStream
+    eval_dataloader: DataLoader
+    eval_bytes: float
+    steps_per_epoch: int
+    state: TrainingState
 
 
-def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, blocks, resume_path: Path | None) -> int:
-    output_dir = Path(args.output_dir)
-    model = RamanujanForCausalLM(config)
-    eval_bytes = count_predicted_bytes(blocks["validation"], tokenizer)
+def train(args: argparse.Namespace, run: Run) -> dict:
+    """The loop (nanoGPT's, through Accelerate): forward, backward, clip, step; log, evaluate, checkpoint, stop."""
+    accelerator, config, output_dir = run.accelerator, run.config, Path(args.output_dir)
+    loop = set_up(args, run)
+    model, optimizer, state = loop.model, loop.optimizer, loop.state
+    metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, state.metrics_records if run.resume_path else None)
+    tokens_per_step = args.block_size * state.blocks_per_step
+    step_loss, step_start = torch.zeros((), device=accelerator.device), time.perf_counter()
+    with stop_requests(accelerator) as received, progress_bar(args, accelerator, state) as bar:
+        for batch in remaining_batches(args, accelerator, loop):
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            loop.lr_scheduler.step()
+            seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
+            state.completed_steps, state.tokens_seen = state.completed_steps + 1, state.tokens_seen + tokens_per_step
+            state.train_seconds += seconds
+            train_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            step_loss.zero_()
+            lr = loop.lr_scheduler.get_last_lr()[0]
+            metrics_log.log(state.completed_steps, {"loss": train_loss, "learning_rate": lr,
+                                                    "tokens_per_second": tokens_per_step / seconds})
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+            if args.eval_steps and state.completed_steps % args.eval_steps == 0:
+                evaluate(accelerator, loop, config, metrics_log)
+            stop = accelerator.check_trigger()
+            every = loop.steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
+            if (every and state.completed_steps % every == 0) or stop:
+                state.metrics_records = metrics_log.records
+                if args.streaming:  # every process's position, gathered for the main process to write
+                    state.stream_positions = gather_object([loop.train_dataloader.state_dict()])
+                path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
+            if stop:
+                bar.close()  # before the message below
+                signum = received[0] if received else signal.SIGTERM
+                accelerator.print(f"Stopped by {signal.Signals(signum).name}; resume with --resume_from_checkpoint {path}")
+                accelerator.end_training()
+                return {**results_of(state), "stopped_by": signal.Signals(signum).name}
+            if state.completed_steps >= args.max_train_steps:
+                break
+            step_start = time.perf_counter()
+
+    if state.last_eval_step != state.completed_steps:
+        evaluate(accelerator, loop, config, metrics_log)
+    save_final(args, accelerator, model, run.tokenizer, state)
+    accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        try:
+            push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {state.completed_steps} steps",
+                        token=args.hub_token)
+        except PUSH_ERRORS as error:
+            raise WorkFailed(f"the push to the Hub failed ({hub_error_line(error)}); the run is saved in "
+                             f"{output_dir}") from None
+    return results_of(state)
+
+
+def set_up(args: argparse.Namespace, run: Run) -> Loop:
+    """Model, optimizer, loaders and schedule, wrapped by Accelerate; the resumed progress when resuming."""
+    accelerator, blocks = run.accelerator, run.blocks
+    model = RamanujanForCausalLM(run.config)
+    eval_bytes = count_predicted_bytes(blocks["validation"], run.tokenizer)
     blocks["validation"].set_format("torch")
     # Loaders draw their worker seeds from their own generators, not the global RNG that dropout uses: starting
     # an (evaluation or resumed) iteration then leaves the training randomness exactly where it was.
@@ -494,119 +410,86 @@ def train(args, accelerator: Accelerator, tokenizer, config: RamanujanConfig, bl
     if accelerator.distributed_type == DistributedType.FSDP:
         print(describe_shards(model, accelerator), flush=True)  # every process: its own shards
     # The last batches of an epoch form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
+    # A stream has no epochs: one "epoch" of all the steps, the stream itself starting over as it ends.
     steps_per_epoch = args.max_train_steps if args.streaming else math.ceil(
         len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     lr_scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps))
     blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     state = TrainingState(blocks_per_step=blocks_per_step)
-
-    if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
-        if state.blocks_per_step != blocks_per_step:
-            raise BadCheckpoint(f"{resume_path} was trained with {state.blocks_per_step} blocks per step, this run "
-                                f"takes {blocks_per_step} (per-device batch × accumulation × processes); resume with "
-                                "the same global batch")
-        if state.completed_steps > args.max_train_steps:
-            raise BadCheckpoint(f"{resume_path} is at step {state.completed_steps}, past --max_train_steps "
-                                f"{args.max_train_steps}")
+    if run.resume_path is not None:
+        state = resumed_state(args, accelerator, run.resume_path, blocks_per_step)
         position = resumed_position(state, args.streaming, accelerator.process_index, accelerator.num_processes,
-                                    resume_path)
+                                    run.resume_path)
         if position is not None:
             train_dataloader.load_state_dict(position)
-        accelerator.print(f"Resumed from {resume_path} at step {state.completed_steps}")
-    start_step = state.completed_steps
-    start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
-    metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, state.metrics_records if resume_path else None)
     if args.with_tracking:
         accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in hyperparameters(args, accelerator).items()})
-
-    tokens_per_step = args.block_size * blocks_per_step
     accelerator.print(
         f"{sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"{'a stream' if args.streaming else format(len(blocks['train']), ',')} of train blocks of {args.block_size} "
-        f"tokens; {args.max_train_steps} steps of {tokens_per_step:,} tokens"
+        f"{'a stream of' if args.streaming else format(len(blocks['train']), ',')} train blocks of {args.block_size} "
+        f"tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
     )
-    step_loss = torch.zeros((), device=accelerator.device)
-    # A resumed run that had already finished its steps (killed while evaluating or saving, or simply run again)
-    # trains no further: it only finishes what was left, the final evaluation and save.
-    epochs = range(start_epoch, num_epochs) if start_step < args.max_train_steps else range(0)
-    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
-    with stop_requests(accelerator) as received, bar:
-        for epoch in epochs:
-            batches = train_dataloader
-            if not args.streaming:
-                train_dataloader.set_epoch(epoch)
-            if epoch == start_epoch and step_in_epoch and not args.streaming:  # a stream resumes by its position
-                batches = accelerator.skip_first_batches(train_dataloader, step_in_epoch * args.gradient_accumulation_steps)
-            step_start = time.perf_counter()
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                step_loss += loss.detach() / args.gradient_accumulation_steps
-                if not accelerator.sync_gradients:
-                    continue
-                lr_scheduler.step()
-                seconds = time.perf_counter() - step_start
-                state.completed_steps += 1
-                state.tokens_seen += tokens_per_step
-                state.train_seconds += seconds
-                step = state.completed_steps
-                train_loss = accelerator.reduce(step_loss, reduction="mean").item()
-                step_loss.zero_()
-                lr = lr_scheduler.get_last_lr()[0]
-                metrics_log.log(step, {"loss": train_loss, "learning_rate": lr, "tokens_per_second": tokens_per_step / seconds})
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+    return Loop(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 
-                if args.eval_steps and step % args.eval_steps == 0:
-                    state.eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
-                    state.last_eval_step = step
-                    metrics_log.log(step, state.eval_results)
-                every = steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
-                stop = accelerator.check_trigger()
-                if (every and step % every == 0) or stop:
-                    state.metrics_records = metrics_log.records
-                    if args.streaming:  # every process's position, gathered for the main process to write
-                        state.stream_positions = gather_object([train_dataloader.state_dict()])
-                    path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
-                if stop:
-                    bar.close()  # before the message below
-                    signum = received[0] if received else signal.SIGTERM
-                    accelerator.print(f"Stopped by {signal.Signals(signum).name}; resume with "
-                                      f"--resume_from_checkpoint {path}")
-                    accelerator.end_training()
-                    return 128 + signum
-                if step >= args.max_train_steps:
-                    break
-                step_start = time.perf_counter()
-            if state.completed_steps >= args.max_train_steps:
-                break
 
-    if state.last_eval_step != state.completed_steps:
-        state.eval_results = evaluate_model(accelerator, model, eval_dataloader, eval_bytes, config)
-        metrics_log.log(state.completed_steps, state.eval_results)
-    save_final(args, accelerator, model, tokenizer, state)
-    accelerator.end_training()
-    if args.push_to_hub and accelerator.is_main_process:
-        try:
-            push_to_hub(output_dir, args.hub_model_id, commit_message=f"{PROG}: {state.completed_steps} steps",
-                        token=args.hub_token)
-        except PUSH_ERRORS as error:
-            print(f"{PROG}: error: the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}",
-                  file=sys.stderr)
-            return 1
-    return 0
+def resumed_state(args, accelerator: Accelerator, resume_path: Path, blocks_per_step: int) -> TrainingState:
+    """Load the checkpoint (weights, optimizer, schedule, RNG) and its progress; refuse one this run cannot continue."""
+    state = load_checkpoint(accelerator, resume_path)
+    if state.blocks_per_step != blocks_per_step:
+        raise BadCheckpoint(f"{resume_path} was trained with {state.blocks_per_step} blocks per step, this run "
+                            f"takes {blocks_per_step} (per-device batch × accumulation × processes); resume with "
+                            "the same global batch")
+    if state.completed_steps > args.max_train_steps:
+        raise BadCheckpoint(f"{resume_path} is at step {state.completed_steps}, past --max_train_steps "
+                            f"{args.max_train_steps}")
+    accelerator.print(f"Resumed from {resume_path} at step {state.completed_steps}")
+    return state
+
+
+def remaining_batches(args, accelerator: Accelerator, loop: Loop):
+    """The training batches from the loop's current step on: Accelerate's seeded epochs, the first one skipped to
+    where a resumed run stopped. A resumed run that had already finished its steps (killed while evaluating or
+    saving, or run again) gets none: it only finishes the final evaluation and save."""
+    start_step = loop.state.completed_steps
+    if start_step >= args.max_train_steps:
+        return
+    if args.streaming:  # endless, and already at the resumed position (TrainStream.load_state_dict)
+        yield from loop.train_dataloader
+        return
+    start_epoch, step_in_epoch = divmod(start_step, loop.steps_per_epoch)
+    for epoch in range(start_epoch, math.ceil(args.max_train_steps / loop.steps_per_epoch)):
+        loop.train_dataloader.set_epoch(epoch)
+        batches = loop.train_dataloader
+        if epoch == start_epoch and step_in_epoch:
+            batches = accelerator.skip_first_batches(batches, step_in_epoch * args.gradient_accumulation_steps)
+        yield from batches
+
+
+def progress_bar(args, accelerator: Accelerator, state: TrainingState) -> tqdm:
+    return tqdm(total=args.max_train_steps, initial=state.completed_steps, desc="train",
+                disable=not accelerator.is_local_main_process)
+
+
+def evaluate(accelerator: Accelerator, loop: Loop, config: RamanujanConfig, metrics_log: MetricsLog) -> None:
+    loop.state.eval_results = evaluate_model(accelerator, loop.model, loop.eval_dataloader, loop.eval_bytes, config)
+    loop.state.last_eval_step = loop.state.completed_steps
+    metrics_log.log(loop.state.completed_steps, loop.state.eval_results)
+
+
+def results_of(state: TrainingState) -> dict:
+    """`all_results.json`'s values: training progress, then the last evaluation."""
+    return {
+        "train_steps": state.completed_steps,
+        "train_tokens": state.tokens_seen,
+        "train_runtime_s": round(state.train_seconds, 3),
+        "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        **(state.eval_results or {}),
+    }
 
 
 def save_final(args, accelerator: Accelerator, model, tokenizer, state: TrainingState) -> None:
@@ -626,15 +509,9 @@ def save_final(args, accelerator: Accelerator, model, tokenizer, state: Training
     try:
         unwrapped.save_pretrained(stage, state_dict=state_dict)
         tokenizer.save_pretrained(stage)
-        train_results = {
-            "train_steps": state.completed_steps,
-            "train_tokens": state.tokens_seen,
-            "train_runtime_s": round(state.train_seconds, 3),
-            "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
-        }
         write_json_atomically(stage / "eval_results.json", eval_results)
         write_json_atomically(stage / "training_args.json", hyperparameters(args, accelerator))
-        write_json_atomically(stage / "all_results.json", {**train_results, **eval_results})
+        write_json_atomically(stage / "all_results.json", results_of(state))
     except (OSError, RuntimeError, SafetensorError) as error:
         shutil.rmtree(stage, ignore_errors=True)
         raise SaveFailed(f"could not write the final model into {output_dir} ({first_line(error)}; disk full?); the "

@@ -22,9 +22,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from .atomic_files import write_json_atomically
-from .configuration_ramanujan import RamanujanConfig
-from .modeling_ramanujan import RamanujanForCausalLM
+from ..files import write_json_atomically
+from ..configuration_ramanujan import RamanujanConfig
+from ..modeling_ramanujan import RamanujanForCausalLM
 
 VOCAB_SIZE = 256
 # nanoGPT's CPU recipe (width 128, 4 layers, 4 heads, context 64, batch 12) and the issue's larger shape.
@@ -254,7 +254,7 @@ def plot(curves: dict, x_key: str, x_label: str, title: str, path: Path) -> None
     """One line per variant; matplotlib is imported here because it is an optional (`train`/`dev`) dependency."""
     import matplotlib.pyplot as plt
 
-    from .study.reporting import save_figure  # switches matplotlib to its file-only backend before any figure exists
+    from ..reporting import save_figure  # switches matplotlib to its file-only backend before any figure exists
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, values in curves["train_step_ms"].items():

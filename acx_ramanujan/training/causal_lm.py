@@ -22,12 +22,12 @@ from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, EvalPrediction, default_data_collator
 
 from .data import tokenize_and_pack
-from .finetune_trainer import (
+from .finetune import (
     DataSourceArguments,
     ModelArguments,
     check_columns,
     load_checkpoint_config,
-    load_tokenizer,
+    load_checkpoint_tokenizer,
     make_trainer,
     run_cli,
 )
@@ -180,7 +180,7 @@ def perplexity_metrics(prediction: EvalPrediction) -> dict[str, float]:
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, training_args):
     """Check every input, tokenize, load the model (+ LoRA): a Trainer ready to train. Raises ValueError on bad input."""
     config = load_checkpoint_config(model_args, AutoModelForCausalLM, "causal-LM")
-    tokenizer = load_tokenizer(model_args, config)
+    tokenizer = load_checkpoint_tokenizer(model_args, config)
     raw_datasets = data_args.load(data_args.columns[0], column_is_text=not data_args.messages_column)
     check_columns(raw_datasets, data_args.columns, data_args.text_columns)
     block_size = resolve_block_size(data_args.block_size, config)

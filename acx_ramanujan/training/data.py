@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, Value
 from datasets.exceptions import DatasetGenerationError
 from pydoc_data.topics import topics
 
-from .saved_files import first_line
+from ..files import first_line
 
 # File suffix -> `datasets` packaged builder.
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -1,4 +1,4 @@
-"""`python -m acx_ramanujan.gpu_check`: the checks to run the first time a CUDA GPU is at hand.
+"""`python -m acx_ramanujan.bench.gpu_check`: the checks to run the first time a CUDA GPU is at hand.
 
 Nothing in this package had run on a GPU when this was written, and a GPU is only sometimes lent, so one prepared
 run answers the questions a CPU cannot: (1) attention backends — flash-attn 2 (when installed), sdpa and eager give
@@ -20,10 +20,10 @@ from statistics import median
 import torch
 from transformers import CompileConfig, LlamaForCausalLM
 
-from .atomic_files import write_json_atomically
-from .configuration_ramanujan import RamanujanConfig
-from .export_llama import target_config  # the Llama config of the same shapes
-from .modeling_ramanujan import RamanujanForCausalLM
+from ..files import write_json_atomically
+from ..configuration_ramanujan import RamanujanConfig
+from ..export.llama import target_config  # the Llama config of the same shapes
+from ..modeling_ramanujan import RamanujanForCausalLM
 from .speed import counted_flops
 
 
@@ -229,7 +229,7 @@ def training_throughput(device: str, width: int, layers: int, context: int, batc
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m acx_ramanujan.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m acx_ramanujan.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (what the CPU test runs)")
     parser.add_argument("--output", help="also write the results JSON here")

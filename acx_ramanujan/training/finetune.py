@@ -1,11 +1,11 @@
 """The Trainer side shared by the fine-tuning commands (causal LM and sequence classification).
 
 - `ModelArguments`: the checkpoint to start from; `DataSourceArguments`: the data files or Hub dataset.
-- `load_checkpoint_config` / `load_tokenizer`: fail before any work when the checkpoint cannot be fine-tuned.
+- `load_checkpoint_config` / `load_checkpoint_tokenizer`: fail before any work when the checkpoint cannot be fine-tuned.
 - `check_columns`: the data has the named text columns, as text, without nulls.
 - `ExpertLoadTrainer`: the Transformers `Trainer`, plus the MoE expert load in every training log.
 - `run_cli`: parse (HfArgumentParser over our dataclasses and `TrainingArguments`, so every Trainer flag works),
-  build the trainer (all checks happen here: bad input gives one line on stderr and exit status 1), then
+  build the trainer (all checks happen here: bad input gives one line on stderr and exit status 2), then
   train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model; then, with
   --push_to_hub, push the finished run once through `hub.push_to_hub` (`take_hub_push` says why not Trainer's push).
 """
@@ -24,13 +24,14 @@ from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
-from hub_cards import hardware_description, write_model_card
+from ..cards import hardware_description, write_model_card
 
+from ..commands import WorkFailed, run_command
 from .data import load_raw_datasets
-from .hub import PUSH_ERRORS, hub_error_line, push_to_hub
+from ..hub import PUSH_ERRORS, hub_error_line, push_to_hub
 from .lora import LoraArguments, apply_lora, save_merged
-from .modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
-from .saved_files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, safetensors_shapes
+from ..modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
+from ..files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, safetensors_shapes
 
 
 @dataclass
@@ -106,7 +107,7 @@ def load_checkpoint_config(model_args: ModelArguments, auto_class, head: str):
     return config
 
 
-def load_tokenizer(model_args: ModelArguments, config):
+def load_checkpoint_tokenizer(model_args: ModelArguments, config):
     """The tokenizer saved with the checkpoint (or --tokenizer_name); its ids must fit the model's vocabulary."""
     source = model_args.tokenizer_name or model_args.model_name_or_path
     try:
@@ -206,7 +207,7 @@ def make_trainer(model, task_type: str, lora_args: LoraArguments, training_args,
 
 
 def write_card(directory: Path, model, eval_results: dict, train_metrics: dict, training_args, model_args, dataset_name):
-    """README.md model card for Ramanujan checkpoints (hub_cards); other architectures keep Trainer's files only."""
+    """README.md model card for Ramanujan checkpoints (acx_ramanujan.cards); other architectures keep Trainer's files only."""
     config = model.config
     if config.model_type != "ramanujan":
         return
@@ -349,28 +350,35 @@ def check_checkpoint_fits(model, checkpoint: str) -> None:
 
 
 def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: Callable[..., Trainer], prog: str) -> int:
-    """Parse, build the trainer (every input check), then train/evaluate/save. Bad input: one line, exit 1."""
+    """Parse and build the trainer (every input check: exit 2), then train/evaluate/save and push (exit 1 on failure)."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def check():
         model_args, data_args, lora_args, training_args = parse_arguments(data_arguments_class, argv, prog)
         hub_push = take_hub_push(training_args, lora_args)
         trainer = build_trainer(model_args, data_args, lora_args, training_args)
         if training_args.resume_from_checkpoint is not None:
             check_checkpoint_fits(trainer.model, training_args.resume_from_checkpoint)
-    except (ValueError, OSError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 1
-    train_evaluate_save(trainer, model_args, lora_args, data_args.dataset_label)
+        return trainer, model_args, data_args, lora_args, hub_push
+
+    def work(checked) -> None:
+        finetune(*checked, prog=prog)
+
+    return run_command(prog, check, work)
+
+
+def finetune(trainer: Trainer, model_args, data_args, lora_args: LoraArguments, hub_push: HubPush | None,
+             prog: str = "acx-rt finetune") -> dict:
+    """Train, evaluate and save with the checked `trainer`, then push the finished run when asked; the eval metrics."""
+    eval_metrics = train_evaluate_save(trainer, model_args, lora_args, data_args.dataset_label)
     if hub_push is None or not trainer.is_world_process_zero():
-        return 0
-    output_dir = Path(training_args.output_dir)
+        return eval_metrics
+    output_dir = Path(trainer.args.output_dir)
     pushed_dir = output_dir / "merged" if lora_args.merge_lora else output_dir
     try:
         commit = push_to_hub(pushed_dir, hub_push.repo_id, private=hub_push.private, revision=hub_push.revision,
                              token=hub_push.token, commit_message=f"{prog}: fine-tuned model")
     except PUSH_ERRORS as error:
-        print(f"{prog}: error: the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}",
-              file=sys.stderr)
-        return 1
+        raise WorkFailed(f"the push to the Hub failed ({hub_error_line(error)}); the run is saved in {output_dir}") from None
     print(f"pushed {pushed_dir} to {commit.commit_url}")
-    return 0
+    return eval_metrics

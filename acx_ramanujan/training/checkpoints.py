@@ -40,9 +40,9 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from transformers.utils import CONFIG_NAME
 
-from .atomic_files import write_json_atomically
-from .configuration_ramanujan import RamanujanConfig
-from .saved_files import first_line, read_json_object, safetensors_shapes
+from ..commands import InputError, WorkFailed
+from ..configuration_ramanujan import RamanujanConfig
+from ..files import first_line, read_json_object, safetensors_shapes, write_json_atomically
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -63,11 +63,11 @@ _DCP_GLOBALS = {
      ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
 
 
-class BadCheckpoint(ValueError):
+class BadCheckpoint(InputError):
     """A checkpoint that cannot be resumed from: named in one line, nothing loaded."""
 
 
-class SaveFailed(OSError):
+class SaveFailed(WorkFailed):
     """A checkpoint or final model that could not be written (disk full, file-size limit): named in one line."""
 
 
