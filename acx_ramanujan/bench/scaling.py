@@ -77,20 +77,21 @@ def saved_activation_bytes(config: RamanujanConfig, batch: int, context: int, au
     """Bytes of the tensors autograd saves for backward in one forward pass (parameters excluded; each storage once)."""
     torch.manual_seed(0)
     model = build(config, "cpu")
-    storages: dict[int, int] = {}
+    kept: list[torch.Tensor] = []  # alive until the pass ends, so that no storage address is reused meanwhile
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        kept.append(tensor)
+        # Not the tensor itself: a saved tensor that is its own packed value keeps the graph (and the model) alive
+        # after the pass. Nothing is unpacked: no backward runs.
 
     tokens = torch.randint(0, config.vocab_size, (batch, context))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda packed: packed), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         model(input_ids=tokens, labels=tokens)
-    return sum(storages.values())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    kept.clear()
+    return sum(size for address, size in storages.items() if address not in params)
 
 
 def activation_bytes(config: RamanujanConfig, batch: int, context: int, autocast: bool = False,
