@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, gather_object, set_seed
 from datasets import DatasetDict
 from huggingface_hub import get_token
 from safetensors import SafetensorError
@@ -45,6 +45,9 @@ from .data import default_corpus_text, load_raw_datasets, text_to_dataset, token
 from .evaluation import count_predicted_bytes, evaluate_model
 from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
                        stop_requests)
+from .sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
+from .streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
+                        validation_rows)
 
 DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
 
@@ -65,7 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
     data.add_argument("--text_column", default="text", help="column holding the text (json/csv/parquet/Hub)")
     data.add_argument("--block_size", type=int, default=256, help="tokens per training block (context length)")
-    data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
+    data.add_argument("--preprocessing_num_workers", type=int,
+                      help="processes for tokenization and packing; default: one per 100k rows, up to one per core")
+    data.add_argument("--streaming", action="store_true",
+                      help="read the training data as a stream, tokenized and packed on the fly, never cached whole "
+                           "(needs --max_train_steps, and --validation_file with --train_file)")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="--streaming: worker processes reading and tokenizing each process's part of the stream")
 
     model = parser.add_argument_group("model")
     model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
@@ -134,6 +143,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id")
     if args.push_to_hub and not (args.hub_token or get_token()):
         raise ValueError("--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`")
+    check_streaming_args(args)
 
 
 def load_pretraining_tokenizer(name: str | None):
@@ -239,12 +249,13 @@ def exit_status(results: dict) -> int:
 
 @dataclass
 class Run:
-    """What `prepare` checked and built: the run's processes, tokenizer, config, packed blocks, and resume point."""
+    """What `prepare` checked and built: the run's processes, tokenizer, config, packed blocks (--streaming: a plain
+    dict whose train blocks are an IterableDataset, read only while training), and resume point."""
 
     accelerator: Accelerator
     tokenizer: object
     config: RamanujanConfig
-    blocks: DatasetDict
+    blocks: DatasetDict | dict
     resume_path: Path | None
 
 
@@ -262,6 +273,8 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
         project_dir=args.output_dir,
         dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
+    enable_fsdp_on_cpu(accelerator)
+    accelerator.print(describe_launch(accelerator))
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file")
@@ -273,13 +286,20 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     with accelerator.main_process_first():
-        if args.train_file or args.dataset_name:
+        if args.streaming:
+            raw, text_column = validation_rows(args.validation_file, args.dataset_name, args.dataset_config_name,
+                                               args.text_column), args.text_column
+        elif args.train_file or args.dataset_name:
             raw, text_column = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
                                                  args.dataset_name, args.dataset_config_name, args.text_column), args.text_column
         else:
             raw, text_column = text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
         blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
                                    num_proc=args.preprocessing_num_workers)
+        if args.streaming:
+            blocks = {"train": stream_blocks(open_stream(args.train_file, args.dataset_name, args.dataset_config_name,
+                                                         args.text_column), tokenizer, args.block_size, args.text_column),
+                      "validation": blocks["validation"]}
     if accelerator.is_main_process:
         remove_leftovers(output_dir)
         if args.overwrite_output_dir and not resume_path:
@@ -296,7 +316,7 @@ class Loop:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    train_dataloader: DataLoader
+    train_dataloader: DataLoader | TrainStream
     eval_dataloader: DataLoader
     eval_bytes: float
     steps_per_epoch: int
@@ -340,6 +360,8 @@ def train(args: argparse.Namespace, run: Run) -> dict:
             every = loop.steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
             if (every and state.completed_steps % every == 0) or stop:
                 state.metrics_records = metrics_log.records
+                if args.streaming:  # every process's position, gathered for the main process to write
+                    state.stream_positions = gather_object([loop.train_dataloader.state_dict()])
                 path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
             if stop:
                 bar.close()  # before the message below
@@ -370,17 +392,27 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     accelerator, blocks = run.accelerator, run.blocks
     model = RamanujanForCausalLM(run.config)
     eval_bytes = count_predicted_bytes(blocks["validation"], run.tokenizer)
-    blocks.set_format("torch")
+    blocks["validation"].set_format("torch")
     # Loaders draw their worker seeds from their own generators, not the global RNG that dropout uses: starting
     # an (evaluation or resumed) iteration then leaves the training randomness exactly where it was.
-    train_dataloader = DataLoader(blocks["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
-                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
     eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, make_optimizer(model, args), train_dataloader, eval_dataloader)
+    if args.streaming:  # each process reads its own part of the stream (TrainStream): not for Accelerate to shard
+        train_dataloader = TrainStream(blocks["train"], args.per_device_train_batch_size, args.dataloader_num_workers,
+                                       accelerator.process_index, accelerator.num_processes, accelerator.device)
+        model, optimizer, eval_dataloader = accelerator.prepare(model, make_optimizer(model, args), eval_dataloader)
+    else:
+        train_dataloader = DataLoader(blocks["train"].with_format("torch"), shuffle=True,
+                                      batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator,
+                                      generator=torch.Generator().manual_seed(args.seed))
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, make_optimizer(model, args), train_dataloader, eval_dataloader)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        print(describe_shards(model, accelerator), flush=True)  # every process: its own shards
     # The last batches of an epoch form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    # A stream has no epochs: one "epoch" of all the steps, the stream itself starting over as it ends.
+    steps_per_epoch = args.max_train_steps if args.streaming else math.ceil(
+        len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     lr_scheduler = accelerator.prepare(get_scheduler(
@@ -390,12 +422,17 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     state = TrainingState(blocks_per_step=blocks_per_step)
     if run.resume_path is not None:
         state = resumed_state(args, accelerator, run.resume_path, blocks_per_step)
+        position = resumed_position(state, args.streaming, accelerator.process_index, accelerator.num_processes,
+                                    run.resume_path)
+        if position is not None:
+            train_dataloader.load_state_dict(position)
     if args.with_tracking:
         accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in hyperparameters(args, accelerator).items()})
     accelerator.print(
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
-        f"{args.block_size} tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{'a stream of' if args.streaming else format(len(blocks['train']), ',')} train blocks of {args.block_size} "
+        f"tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
     )
     return Loop(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 
@@ -420,6 +457,9 @@ def remaining_batches(args, accelerator: Accelerator, loop: Loop):
     saving, or run again) gets none: it only finishes the final evaluation and save."""
     start_step = loop.state.completed_steps
     if start_step >= args.max_train_steps:
+        return
+    if args.streaming:  # endless, and already at the resumed position (TrainStream.load_state_dict)
+        yield from loop.train_dataloader
         return
     start_epoch, step_in_epoch = divmod(start_step, loop.steps_per_epoch)
     for epoch in range(start_epoch, math.ceil(args.max_train_steps / loop.steps_per_epoch)):
