@@ -18,7 +18,7 @@ def optimizer_names(model, optimizer) -> set[str]:
 
 def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
-    adamw, muon, expert_muon = make_optimizers(model, training_arguments())
+    adamw, muon, expert_muon = make_optimizers(model, training_arguments(optimizer="muon"))
     assert isinstance(adamw, torch.optim.AdamW) and type(muon) is torch.optim.Muon and isinstance(expert_muon, ExpertMuon)
     projections = ("q_proj", "k_proj", "v_proj", "o_proj")
     assert optimizer_names(model, muon) == {f"model.layers.{layer}.self_attn.{proj}.weight"
@@ -33,7 +33,7 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     assert all((p.ndim >= 2) == (id(p) in decayed) for group in adamw.param_groups for p in group["params"])
 
     dense = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny", **SHAPE))
-    _, muon = make_optimizers(dense, training_arguments())
+    _, muon = make_optimizers(dense, training_arguments(optimizer="muon"))
     assert {name.rsplit(".", 2)[-2] for name in optimizer_names(dense, muon)} == {
         *projections, "gate_proj", "up_proj", "down_proj"}
     [only] = make_optimizers(dense, training_arguments(optimizer="adamw"))
@@ -46,7 +46,7 @@ def test_expert_muon_steps_each_expert_matrix_as_torch_muon_steps_a_matrix():
     torch.manual_seed(0)
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
     experts = model.model.layers[0].mlp.experts
-    [expert_muon] = [opt for opt in make_optimizers(model, training_arguments()) if isinstance(opt, ExpertMuon)]
+    [expert_muon] = [opt for opt in make_optimizers(model, training_arguments(optimizer="muon")) if isinstance(opt, ExpertMuon)]
     before = {name: tensor.detach().clone() for name, tensor in experts.named_parameters()}
     tokens = torch.randint(0, 256, (2, 16))
     model(input_ids=tokens, labels=tokens).loss.backward()
@@ -68,7 +68,7 @@ def test_expert_muon_steps_each_expert_matrix_as_torch_muon_steps_a_matrix():
 
 def test_every_optimizer_follows_the_same_schedule_relative_to_its_peak():
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny", **SHAPE))
-    args = training_arguments(max_train_steps=100)  # warmup 5 steps, cosine to 0.1 x the peak
+    args = training_arguments(max_train_steps=100, optimizer="muon")  # warmup 5 steps, cosine to 0.1 x the peak
     optimizers = make_optimizers(model, args)
     schedulers = make_schedulers(args, optimizers)
     peaks = [args.learning_rate, args.muon_learning_rate]

@@ -14,11 +14,20 @@ file, and opens every pickle first with `torch.load(weights_only=True)` (through
 also allows the NumPy arrays and dtypes of the RNG states): tensors, numbers, strings and containers load, anything else is refused with
 the file named. Accelerate then loads them the same way (`load_kwargs={"weights_only": True}`). Our own state is
 not registered with `register_for_checkpointing`: Accelerate would pickle it and read it back with
-`weights_only=False` (`load_custom_state`). Under FSDP and DeepSpeed the sharded states are read by those engines'
-own loaders, which this check cannot vouch for: resume only your own checkpoints there.
+`weights_only=False` (`load_custom_state`).
+
+Under FSDP (sharded state dict) the model and optimizer are saved by torch.distributed.checkpoint (DCP) instead:
+`pytorch_model_fsdp_0/` and `optimizer_0/`, each holding exactly `.metadata` and one `__RANK_0.distcp` per process.
+DCP reads tensors weights-only itself, but it unpickles `.metadata` with plain `pickle.load` and the non-tensor
+values (the optimizer's lr, betas, ...) with `torch.load(weights_only=False)`. So a resume first unpickles each
+`.metadata` admitting only DCP's own metadata classes (`_DCP_GLOBALS`), and opens every non-tensor value weights-only,
+before DCP loads anything. DeepSpeed's and Megatron-LM's layouts are read by those engines' own loaders, which this
+check cannot vouch for: resume only your own checkpoints there.
 """
 
+import io
 import os
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -29,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from transformers.utils import CONFIG_NAME
 
 from ..commands import InputError, WorkFailed
@@ -40,8 +50,18 @@ TRAINING_STATE_NAME = "training_state.json"
 # Every file a plain (one-process or DDP) `save_state` writes, plus ours; the pickled ones are opened weights-only.
 PICKLED_FILES = re.compile(r"(optimizer|scheduler)(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt")
 OTHER_FILES = re.compile(rf"model(_\d+)?\.safetensors|{re.escape(CONFIG_NAME)}|{re.escape(TRAINING_STATE_NAME)}")
-# Engines that save their own sharded layout (and load it with their own code).
-SHARDING_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+# FSDP's sharded save (torch.distributed.checkpoint): one folder per model and per optimizer.
+DCP_FOLDERS = re.compile(r"pytorch_model_fsdp_\d+|optimizer_\d+")
+DCP_FILES = re.compile(r"\.metadata|__\d+_\d+\.distcp")
+# Engines that save their own layout and load it with their own code.
+UNCHECKED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+# What a DCP `.metadata` pickle may name (torch 2.x): DCP's metadata dataclasses, torch.Size, dtypes and layouts.
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
 
 
 class BadCheckpoint(InputError):
@@ -63,6 +83,7 @@ class TrainingState:
     metrics_records: int = 0  # lines in metrics.jsonl when saved: a resume cuts the log back to them
     last_eval_step: int | None = None  # the last evaluation and its results: a finished run is not evaluated twice
     eval_results: dict = field(default_factory=dict)
+    stream_positions: list | None = None  # --streaming: each process's position in its stream (TrainStream)
 
     @classmethod
     def from_json_file(cls, path: Path) -> "TrainingState":
@@ -132,9 +153,56 @@ def check_checkpoint_files(path: Path, distributed_type: DistributedType) -> Non
                     safetensors_shapes([entry])
                 except ValueError as error:
                     raise BadCheckpoint(f"--resume_from_checkpoint {path}: {error}") from None
-        elif distributed_type not in SHARDING_ENGINES:
+        elif entry.is_dir() and DCP_FOLDERS.fullmatch(entry.name) and distributed_type == DistributedType.FSDP:
+            check_dcp_folder(entry)
+        elif distributed_type not in UNCHECKED_ENGINES:
             raise BadCheckpoint(f"--resume_from_checkpoint {path}: unexpected file {entry.name} (a checkpoint of "
                                 "another program?), not loaded")
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata`, refusing every global but `_DCP_GLOBALS` and torch dtypes (the standard library's
+    "restricting globals" recipe: DCP offers no weights-only way to read its metadata)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def check_dcp_folder(folder: Path) -> None:
+    """A DCP folder of Accelerate's FSDP save: only `.metadata` and `__R_0.distcp` files, metadata of DCP's own
+    classes, every stored item inside those files, every non-tensor value loadable weights-only."""
+    def refuse(problem: str):
+        return BadCheckpoint(f"--resume_from_checkpoint {folder.parent}: {folder.name}/{problem}, refused unread")
+
+    names = {entry.name for entry in folder.iterdir()}
+    if unexpected := sorted(name for name in names if not DCP_FILES.fullmatch(name)):
+        raise refuse(f"{unexpected[0]} is not a file of torch.distributed.checkpoint")
+    if ".metadata" not in names:
+        raise refuse(".metadata is missing")
+    try:
+        with (folder / ".metadata").open("rb") as stream:
+            metadata = _DCPMetadataUnpickler(stream).load()
+        entries = metadata.storage_data.items()
+        byte_items = {fqn for fqn, kind in metadata.state_dict_metadata.items() if isinstance(kind, BytesStorageMetadata)}
+    except Exception as error:  # noqa: BLE001 - a refused global, a truncated file, a foreign object: all refuse
+        raise refuse(f".metadata holds more than checkpoint metadata ({first_line(error)})") from None
+    for index, info in entries:
+        if info.relative_path not in names or not DCP_FILES.fullmatch(info.relative_path):
+            raise refuse(f".metadata names {info.relative_path!r}, not a .distcp file of this folder")
+        if index.fqn not in byte_items:
+            continue  # a tensor: DCP reads tensors with weights_only=True itself
+        if info.transform_descriptors:
+            raise refuse(f"{info.relative_path}: {index.fqn} is stored transformed ({info.transform_descriptors})")
+        with (folder / info.relative_path).open("rb") as stream:
+            stream.seek(info.offset)
+            value = stream.read(info.length)
+        try:
+            torch.load(io.BytesIO(value), weights_only=True)
+        except Exception as error:  # noqa: BLE001 - as above
+            raise refuse(f"{info.relative_path}: {index.fqn} holds more than tensors and numbers "
+                         f"({first_line(error)})") from None
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainingState:

@@ -12,6 +12,8 @@ boundary at or after that character count, so no line is split.
 import codecs
 import io
 import json
+import os
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -59,7 +61,7 @@ def text_to_dataset(text: str, validation_split_percentage: float = 10) -> Datas
     return split_tail(Dataset.from_dict({"text": lines}), validation_split_percentage)
 
 
-def _check_files(paths: list[str], role: str) -> str:
+def data_files_builder(paths: list[str], role: str) -> str:
     """Every path exists, is non-empty and shares one supported suffix; returns the `datasets` builder name."""
     suffixes = set()
     for path in map(Path, paths):
@@ -78,14 +80,14 @@ def _check_files(paths: list[str], role: str) -> str:
 def check_data_files(paths: list[str], role: str = "training", text_column: str = "text") -> None:
     """Refuse what `load_raw_datasets` would refuse in these files (missing, empty, unsupported, not UTF-8, bad JSON
     rows) without loading them: for a command that starts several runs on the same files."""
-    problem = _find_bad_row(paths, _check_files(paths, role), text_column)
+    problem = _find_bad_row(paths, data_files_builder(paths, role), text_column)
     if problem:
         raise ValueError(problem)
 
 
-def _load_files(paths: list[str], role: str, text_column: str | None) -> Dataset:
+def load_text_files(paths: list[str], role: str, text_column: str | None) -> Dataset:
     """The files as one dataset; `text_column` (None: no column is checked) must hold strings."""
-    builder = _check_files(paths, role)
+    builder = data_files_builder(paths, role)
     # Text lines keep their "\n" so that packing the rows back to back restores the file byte for byte.
     options = {"keep_linebreaks": True} if builder == "text" else {}
     try:
@@ -190,8 +192,8 @@ def load_raw_datasets(
         validation = raw["validation"] if "validation" in raw else None
     elif train_files:
         checked_column = text_column if column_is_text else None
-        train = _load_files(list(train_files), "train", checked_column)
-        validation = _load_files([validation_file], "validation", checked_column) if validation_file else None
+        train = load_text_files(list(train_files), "train", checked_column)
+        validation = load_text_files([validation_file], "validation", checked_column) if validation_file else None
     else:
         raise ValueError("no training data: pass train files or a dataset name")
     for split, dataset in (("train", train), ("validation", validation)):
@@ -208,34 +210,60 @@ def load_raw_datasets(
     return DatasetDict(train=train, validation=validation)
 
 
+# Below this many rows per process, a pool's start-up costs more than it saves.
+ROWS_PER_PROCESS = 100_000
+
+
+def default_num_proc(num_rows: int) -> int | None:
+    """Tokenization processes when none are asked for: one per ROWS_PER_PROCESS rows, at most one per CPU core
+    (None: no pool, for small data)."""
+    processes = min(os.cpu_count() or 1, num_rows // ROWS_PER_PROCESS)
+    return processes if processes > 1 else None
+
+
+def tokenize_rows(batch: dict, tokenizer, text_column: str) -> dict:
+    """A batch of text rows → token ids, no special tokens added (a module-level function: pools and dataloader
+    workers can pickle it)."""
+    texts = [text or "" for text in batch[text_column]]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+
+
+def pack_rows(batch: dict, block_size: int) -> dict:
+    """A batch of token rows concatenated and cut into `block_size` blocks (labels = input_ids); the tail shorter
+    than a block is dropped (`group_texts` of run_clm_no_trainer.py)."""
+    stream = [token for ids in batch["input_ids"] for token in ids]
+    usable = len(stream) // block_size * block_size
+    blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
+    return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2, got {block_size}")
+
+
 def tokenize_and_pack(
     raw_datasets: DatasetDict, tokenizer, block_size: int, text_column: str = "text", num_proc: int | None = None
 ) -> DatasetDict:
     """Tokenize every split, concatenate its rows and cut the stream into `block_size` blocks (labels = input_ids).
 
     No special tokens are added: the rows are packed exactly as written (the tail shorter than a block is
-    dropped, as in run_clm_no_trainer.py). The causal-LM head shifts labels itself.
+    dropped, as in run_clm_no_trainer.py). The causal-LM head shifts labels itself. Without `num_proc`, large
+    splits are tokenized by several processes (`default_num_proc`).
     """
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2, got {block_size}")
-
-    def tokenize(batch):
-        texts = [text or "" for text in batch[text_column]]
-        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
-
-    def pack(batch):
-        stream = [token for ids in batch["input_ids"] for token in ids]
-        usable = len(stream) // block_size * block_size
-        blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
-
+    check_block_size(block_size)
+    processes = {split: num_proc or default_num_proc(len(dataset)) for split, dataset in raw_datasets.items()}
     tokenized = DatasetDict({
-        split: dataset.map(tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
-                           desc=f"Tokenizing {split}")
+        split: dataset.map(partial(tokenize_rows, tokenizer=tokenizer, text_column=text_column), batched=True,
+                           num_proc=processes[split], remove_columns=dataset.column_names, desc=f"Tokenizing {split}")
         for split, dataset in raw_datasets.items()
     })
     # One map batch is one stream: a large batch wastes at most block_size - 1 tokens per 10k rows.
-    packed = tokenized.map(pack, batched=True, batch_size=10_000, num_proc=num_proc, desc=f"Packing into blocks of {block_size}")
+    packed = DatasetDict({
+        split: dataset.map(partial(pack_rows, block_size=block_size), batched=True, batch_size=10_000,
+                           num_proc=processes[split], desc=f"Packing into blocks of {block_size}")
+        for split, dataset in tokenized.items()
+    })
     for split, dataset in packed.items():
         if len(dataset) == 0:
             raise ValueError(f"the {split} split holds fewer than block_size={block_size} tokens after tokenization")

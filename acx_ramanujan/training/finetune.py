@@ -4,9 +4,9 @@
 - `load_checkpoint_config` / `load_checkpoint_tokenizer`: fail before any work when the checkpoint cannot be fine-tuned.
 - `check_columns`: the data has the named text columns, as text, without nulls.
 - `ExpertLoadTrainer`: the Transformers `Trainer`, plus the MoE expert load in every training log.
-- `run_cli`: parse (HfArgumentParser over our dataclasses and `TrainingArguments`, so every Trainer flag works),
-  build the trainer (all checks happen here: bad input gives one line on stderr and exit status 2), then
-  train → evaluate → save model, `eval_results.json`, model card and, with LoRA, the merged model; then, with
+- `run_cli` parses (HfArgumentParser over our dataclasses and `TrainingArguments`, so every Trainer flag works) and
+  calls `finetune`, which builds the trainer (all checks happen here: bad input gives one line on stderr and exit
+  status 2), then trains → evaluates → saves the model, `eval_results.json`, model card and, with LoRA, the merged model; then, with
   --push_to_hub, push the finished run once through `hub.push_to_hub` (`take_hub_push` says why not Trainer's push).
 """
 
@@ -26,7 +26,7 @@ from transformers.trainer_utils import HubStrategy
 
 from ..cards import hardware_description, write_model_card
 
-from ..commands import WorkFailed, run_command
+from ..commands import InputError, WorkFailed, run_command
 from .data import load_raw_datasets
 from ..hub import PUSH_ERRORS, hub_error_line, push_to_hub
 from .lora import LoraArguments, apply_lora, save_merged
@@ -350,30 +350,34 @@ def check_checkpoint_fits(model, checkpoint: str) -> None:
 
 
 def run_cli(argv: list[str] | None, data_arguments_class: type, build_trainer: Callable[..., Trainer], prog: str) -> int:
-    """Parse and build the trainer (every input check: exit 2), then train/evaluate/save and push (exit 1 on failure)."""
+    """Parse (exit 2 on a bad command line), then `finetune` (bad input: exit 2; a failed push: exit 1)."""
     argv = sys.argv[1:] if argv is None else argv
 
-    def check():
-        model_args, data_args, lora_args, training_args = parse_arguments(data_arguments_class, argv, prog)
+    def work(parsed) -> None:
+        finetune(*parsed, build_trainer=build_trainer, prog=prog)
+
+    return run_command(prog, lambda: parse_arguments(data_arguments_class, argv, prog), work)
+
+
+def finetune(model_args, data_args, lora_args: LoraArguments, training_args: TrainingArguments, *,
+             build_trainer: Callable[..., Trainer], prog: str = "acx-rt finetune") -> dict:
+    """Fine-tune as the four argument dataclasses say; the evaluation metrics.
+
+    Every input check happens first (the Hub settings, then `build_trainer`: checkpoint, tokenizer, data), raising
+    InputError before any training; then train, evaluate, save, and push the finished run when asked (WorkFailed
+    if the push fails, the run being saved).
+    """
+    try:
         hub_push = take_hub_push(training_args, lora_args)
         trainer = build_trainer(model_args, data_args, lora_args, training_args)
         if training_args.resume_from_checkpoint is not None:
             check_checkpoint_fits(trainer.model, training_args.resume_from_checkpoint)
-        return trainer, model_args, data_args, lora_args, hub_push
-
-    def work(checked) -> None:
-        finetune(*checked, prog=prog)
-
-    return run_command(prog, check, work)
-
-
-def finetune(trainer: Trainer, model_args, data_args, lora_args: LoraArguments, hub_push: HubPush | None,
-             prog: str = "acx-rt finetune") -> dict:
-    """Train, evaluate and save with the checked `trainer`, then push the finished run when asked; the eval metrics."""
+    except (ValueError, OSError) as error:
+        raise InputError(str(error)) from error
     eval_metrics = train_evaluate_save(trainer, model_args, lora_args, data_args.dataset_label)
     if hub_push is None or not trainer.is_world_process_zero():
         return eval_metrics
-    output_dir = Path(trainer.args.output_dir)
+    output_dir = Path(training_args.output_dir)
     pushed_dir = output_dir / "merged" if lora_args.merge_lora else output_dir
     try:
         commit = push_to_hub(pushed_dir, hub_push.repo_id, private=hub_push.private, revision=hub_push.revision,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, TorchDynamoPlugin, gather_object, set_seed
 from datasets import DatasetDict
 from huggingface_hub import get_token
 from safetensors import SafetensorError
@@ -46,6 +46,9 @@ from .evaluation import count_predicted_bytes, evaluate_model
 from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
                        stop_requests)
 from .recipe import RandomWindows, make_optimizers, make_schedulers
+from .sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
+from .streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
+                        validation_rows)
 
 DEFAULT_CORPUS_NAME = "pydoc_data.topics (Python's help text)"
 
@@ -66,10 +69,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
     data.add_argument("--text_column", default="text", help="column holding the text (json/csv/parquet/Hub)")
     data.add_argument("--block_size", type=int, default=256, help="tokens per training block (context length)")
-    data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
+    data.add_argument("--preprocessing_num_workers", type=int,
+                      help="processes for tokenization and packing; default: one per 100k rows, up to one per core")
     data.add_argument("--sampling", choices=["windows", "epochs"], default="windows",
                       help="windows: each row starts at a random offset of the training text (nanoGPT's batches); "
-                      "epochs: the fixed packed blocks, reshuffled every epoch")
+                      "epochs: the fixed packed blocks, reshuffled every epoch (--streaming reads the stream in order)")
+    data.add_argument("--streaming", action="store_true",
+                      help="read the training data as a stream, tokenized and packed on the fly, never cached whole "
+                           "(needs --max_train_steps, and --validation_file with --train_file)")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="--streaming: worker processes reading and tokenizing each process's part of the stream")
 
     model = parser.add_argument_group("model")
     model.add_argument("--config_name", default="tiny", help="preset name (tiny, tiny-moe, ...) or a config JSON path")
@@ -82,8 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     optim.add_argument("--per_device_train_batch_size", type=int, default=8, help="blocks per process per micro-batch")
     optim.add_argument("--per_device_eval_batch_size", type=int, default=8, help="blocks per process when evaluating")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
-                       help="muon: torch.optim.Muon for the decoder layers' matrices, AdamW for the rest; adamw: AdamW for all")
+    optim.add_argument("--optimizer", choices=["muon", "adamw"],
+                       help="muon: torch.optim.Muon for the decoder layers' matrices (and each MoE expert's), AdamW for "
+                       "the rest; adamw: AdamW for all. Default: muon, or adamw under FSDP/DeepSpeed")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
     optim.add_argument("--muon_learning_rate", type=float, default=2e-3, help="peak Muon learning rate (match_rms_adamw)")
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1")
@@ -150,6 +160,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id")
     if args.push_to_hub and not (args.hub_token or get_token()):
         raise ValueError("--push_to_hub needs a Hugging Face token: --hub_token, HF_TOKEN or `hf auth login`")
+    check_streaming_args(args)
 
 
 def load_pretraining_tokenizer(name: str | None):
@@ -246,12 +257,13 @@ def exit_status(results: dict) -> int:
 
 @dataclass
 class Run:
-    """What `prepare` checked and built: the run's processes, tokenizer, config, packed blocks, and resume point."""
+    """What `prepare` checked and built: the run's processes, tokenizer, config, packed blocks (--streaming: a plain
+    dict whose train blocks are an IterableDataset, read only while training), and resume point."""
 
     accelerator: Accelerator
     tokenizer: object
     config: RamanujanConfig
-    blocks: DatasetDict
+    blocks: DatasetDict | dict
     resume_path: Path | None
 
 
@@ -269,7 +281,12 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
         project_dir=args.output_dir,
         dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
-    if args.optimizer == "muon" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    enable_fsdp_on_cpu(accelerator)
+    accelerator.print(describe_launch(accelerator))
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if args.optimizer is None:  # Muon orthogonalizes whole matrices, which FSDP and DeepSpeed shard
+        args.optimizer = "adamw" if sharded else "muon"
+    elif args.optimizer == "muon" and sharded:
         raise ValueError("--optimizer muon orthogonalizes whole matrices, which FSDP and DeepSpeed shard; "
                          "pass --optimizer adamw")
     output_dir = Path(args.output_dir)
@@ -283,13 +300,20 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     with accelerator.main_process_first():
-        if args.train_file or args.dataset_name:
+        if args.streaming:
+            raw, text_column = validation_rows(args.validation_file, args.dataset_name, args.dataset_config_name,
+                                               args.text_column), args.text_column
+        elif args.train_file or args.dataset_name:
             raw, text_column = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
                                                  args.dataset_name, args.dataset_config_name, args.text_column), args.text_column
         else:
             raw, text_column = text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
         blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
                                    num_proc=args.preprocessing_num_workers)
+        if args.streaming:
+            blocks = {"train": stream_blocks(open_stream(args.train_file, args.dataset_name, args.dataset_config_name,
+                                                         args.text_column), tokenizer, args.block_size, args.text_column),
+                      "validation": blocks["validation"]}
     if accelerator.is_main_process:
         remove_leftovers(output_dir)
         if args.overwrite_output_dir and not resume_path:
@@ -306,7 +330,7 @@ class Loop:
     model: torch.nn.Module
     optimizers: list  # AdamW, then Muon (--optimizer muon)
     lr_schedulers: list  # one per optimizer
-    train_dataloader: DataLoader
+    train_dataloader: DataLoader | TrainStream
     eval_dataloader: DataLoader
     eval_bytes: float
     steps_per_epoch: int
@@ -352,6 +376,8 @@ def train(args: argparse.Namespace, run: Run) -> dict:
             every = loop.steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
             if (every and state.completed_steps % every == 0) or stop:
                 state.metrics_records = metrics_log.records
+                if args.streaming:  # every process's position, gathered for the main process to write
+                    state.stream_positions = gather_object([loop.train_dataloader.state_dict()])
                 path = save_checkpoint(accelerator, output_dir, state, args.save_total_limit, config)
             if stop:
                 bar.close()  # before the message below
@@ -382,35 +408,51 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     accelerator, blocks = run.accelerator, run.blocks
     model = RamanujanForCausalLM(run.config)
     eval_bytes = count_predicted_bytes(blocks["validation"], run.tokenizer)
-    blocks.set_format("torch")
-    blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    # An epoch is one pass over the packed blocks (each process's loader: ceil(blocks / (batch × processes))
-    # batches); its last batches form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
-    batches_per_epoch = math.ceil(len(blocks["train"]) / (args.per_device_train_batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    train_rows = blocks["train"] if args.sampling == "epochs" else RandomWindows(
-        blocks["train"].with_format("torch")[:]["input_ids"].reshape(-1), args.block_size, args.max_train_steps * blocks_per_step, args.seed)
+    blocks["validation"].set_format("torch")
     # Loaders draw their worker seeds from their own generators, not the global RNG that dropout uses: starting
     # an (evaluation or resumed) iteration then leaves the training randomness exactly where it was.
-    train_dataloader = DataLoader(train_rows, shuffle=args.sampling == "epochs", batch_size=args.per_device_train_batch_size,
-                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
     eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
+    blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizers = make_optimizers(model, args)
-    model, train_dataloader, eval_dataloader, *optimizers = accelerator.prepare(
-        model, train_dataloader, eval_dataloader, *optimizers)
+    if args.streaming:  # each process reads its own part of the stream (TrainStream): not for Accelerate to shard
+        train_dataloader = TrainStream(blocks["train"], args.per_device_train_batch_size, args.dataloader_num_workers,
+                                       accelerator.process_index, accelerator.num_processes, accelerator.device)
+        model, *optimizers, eval_dataloader = accelerator.prepare(model, *optimizers, eval_dataloader)
+        steps_per_epoch = args.max_train_steps  # a stream has no epochs: one "epoch" of all the steps
+    else:
+        # An epoch is one pass over the packed blocks (each process's loader: ceil(blocks / (batch × processes))
+        # batches); its last batches form a (shorter) step of their own: Accelerate syncs at the end of a dataloader.
+        batches_per_epoch = math.ceil(len(blocks["train"]) / (args.per_device_train_batch_size * accelerator.num_processes))
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_train_steps is None:
+            args.max_train_steps = args.num_train_epochs * steps_per_epoch
+        train_rows = blocks["train"].with_format("torch")
+        if args.sampling == "windows":
+            train_rows = RandomWindows(train_rows[:]["input_ids"].reshape(-1), args.block_size,
+                                       args.max_train_steps * blocks_per_step, args.seed)
+        train_dataloader = DataLoader(train_rows, shuffle=args.sampling == "epochs",
+                                      batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator,
+                                      generator=torch.Generator().manual_seed(args.seed))
+        model, *optimizers, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, *optimizers, train_dataloader, eval_dataloader)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        print(describe_shards(model, accelerator), flush=True)  # every process: its own shards
     lr_schedulers = [accelerator.prepare(scheduler) for scheduler in make_schedulers(args, optimizers)]
     state = TrainingState(blocks_per_step=blocks_per_step)
     if run.resume_path is not None:
         state = resumed_state(args, accelerator, run.resume_path, blocks_per_step)
+        position = resumed_position(state, args.streaming, accelerator.process_index, accelerator.num_processes,
+                                    run.resume_path)
+        if position is not None:
+            train_dataloader.load_state_dict(position)
     if args.with_tracking:
         accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in hyperparameters(args, accelerator).items()})
     accelerator.print(
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(blocks['train']):,} train blocks of "
-        f"{args.block_size} tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{'a stream of' if args.streaming else format(len(blocks['train']), ',')} train blocks of {args.block_size} "
+        f"tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
     )
     return Loop(model, optimizers, lr_schedulers, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 
@@ -435,6 +477,9 @@ def remaining_batches(args, accelerator: Accelerator, loop: Loop):
     evaluating or saving, or run again) gets none: it only finishes the final evaluation and save."""
     start_step = loop.state.completed_steps
     if start_step >= args.max_train_steps:
+        return
+    if args.streaming:  # endless, and already at the resumed position (TrainStream.load_state_dict)
+        yield from loop.train_dataloader
         return
     if args.sampling == "windows":  # one pass over the run's rows
         skip = start_step * args.gradient_accumulation_steps
