@@ -437,7 +437,10 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
         model, *optimizers, train_dataloader, eval_dataloader = accelerator.prepare(
             model, *optimizers, train_dataloader, eval_dataloader)
     if accelerator.distributed_type == DistributedType.FSDP:
-        print(describe_shards(model, accelerator), flush=True)  # every process: its own shards
+        # One write per line: two processes share the launcher's stdout, and print() writes the text and the
+        # newline apart, so the ranks' lines could interleave.
+        sys.stdout.write(describe_shards(model, accelerator) + "\n")
+        sys.stdout.flush()
     lr_schedulers = [accelerator.prepare(scheduler) for scheduler in make_schedulers(args, optimizers)]
     state = TrainingState(blocks_per_step=blocks_per_step)
     if run.resume_path is not None:
