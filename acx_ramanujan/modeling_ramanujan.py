@@ -710,7 +710,7 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
 # `generate()` calls `inspect.signature(model.forward)` on every token for models registered for remote code, as ours
 # are (a backward-compatibility check for `cache_position` in `prepare_inputs_for_generation`, Transformers 5.x).
 # Python returns a function's `__signature__` when it has one, so storing it makes that check a lookup
-# (generate()'s own per-token loop: 162 → 136 µs at the nanoGPT shape; docs/benchmarks.md, Speed).
+# (the per-token saving is in docs/benchmarks.md, Speed).
 RamanujanForCausalLM.forward.__signature__ = inspect.signature(RamanujanForCausalLM.forward)
 
 

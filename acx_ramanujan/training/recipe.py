@@ -1,4 +1,4 @@
-"""The pretraining recipe's optimizers, schedules and data order (issue 16; measured in docs/benchmarks.md,
+"""The pretraining recipe's optimizers, schedules and data order (measured in docs/benchmarks.md,
 "Training recipe").
 
 - `make_optimizers`: AdamW for embeddings, norms, head and router, and (`--optimizer muon`, the default)
