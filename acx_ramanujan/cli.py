@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "tokenizer": ("acx_ramanujan.training.bpe", "train a byte-level BPE tokenizer (`acx-rt tokenizer train ...`)"),
     "push": ("acx_ramanujan.hub", "push an output directory to the Hugging Face Hub"),
     "verify": ("acx_ramanujan.study.verify", "measure activations and gradients per layer at initialization"),
-    "benchmark": ("acx_ramanujan.study.benchmark", "train layers x schemes x seeds and compare validation loss"),
+    "compare-init": ("acx_ramanujan.study.compare_init", "train layers x schemes x seeds and compare validation loss"),
     "visualize": ("acx_ramanujan.study.visualize", "plot variance, gradients, attention and expert load of a checkpoint"),
     "bench-speed": ("acx_ramanujan.bench.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
     "export": ("acx_ramanujan.export", "export a checkpoint to ONNX, Llama/Mixtral or GGUF, verified against the model"),

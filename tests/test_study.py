@@ -9,7 +9,7 @@ from conftest import tiny_config, tiny_moe_config
 
 from acx_ramanujan import RamanujanForCausalLM
 from acx_ramanujan.initialization_ramanujan import ramanujan_schedule, weight_std
-from acx_ramanujan.study import benchmark, verify, visualize
+from acx_ramanujan.study import compare_init, verify, visualize
 from acx_ramanujan.study.chains import (
     TRUNCATED_VARIANCE_FACTOR,
     chain_closed_form_log10,
@@ -196,10 +196,10 @@ def test_visualize_rejects_bad_input(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------------------------------- benchmark
+# ------------------------------------------------------------------------------------------- compare-init
 
 
-def benchmark_argv(tmp_path, *extra):
+def compare_argv(tmp_path, *extra):
     text = tmp_path / "train.txt"
     if not text.exists():
         text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
@@ -209,11 +209,11 @@ def benchmark_argv(tmp_path, *extra):
             *extra]
 
 
-def test_benchmark_trains_every_run_and_summarizes_from_the_run_files(tmp_path):
-    argv = benchmark_argv(tmp_path, "--schemes", "normal", "--variant", "ram-no-alpha:init_scheme=ramanujan,attention_scale_alpha=0")
-    assert benchmark.main(argv) == 0
+def test_compare_init_trains_every_run_and_summarizes_from_the_run_files(tmp_path):
+    argv = compare_argv(tmp_path, "--schemes", "normal", "--variant", "ram-no-alpha:init_scheme=ramanujan,attention_scale_alpha=0")
+    assert compare_init.main(argv) == 0
     out = tmp_path / "bench"
-    report = json.loads((out / "benchmark.json").read_text())
+    report = json.loads((out / "compare_init.json").read_text())
     final = {f"{name}-seed{seed}": json.loads((out / "runs" / f"1L-{name}-seed{seed}" / "eval_results.json").read_text())["eval_loss"]
              for name in ("normal", "ram-no-alpha") for seed in (0, 1)}
     summary = {row["variant"]: row for row in report["summary"]}
@@ -225,11 +225,11 @@ def test_benchmark_trains_every_run_and_summarizes_from_the_run_files(tmp_path):
     assert summary["normal"]["delta_vs_reference_mean"] == 0.0
     config = json.loads((out / "runs" / "1L-ram-no-alpha-seed1" / "config.json").read_text())
     assert (config["init_scheme"], config["attention_scale_alpha"], config["num_hidden_layers"]) == ("ramanujan", 0.0, 1)
-    assert {"benchmark.md", "benchmark_loss.png"} <= {p.name for p in out.iterdir()}
+    assert {"compare_init.md", "compare_init_loss.png"} <= {p.name for p in out.iterdir()}
 
     # a finished run is read back, not trained again
     stamp = (out / "runs" / "1L-normal-seed0" / "all_results.json").stat().st_mtime_ns
-    assert benchmark.main(argv) == 0
+    assert compare_init.main(argv) == 0
     assert (out / "runs" / "1L-normal-seed0" / "all_results.json").stat().st_mtime_ns == stamp
 
 
@@ -239,8 +239,8 @@ def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverge
         run.mkdir()
         (run / "all_results.json").write_text(json.dumps({"eval_loss": final, "train_steps": 2, "train_runtime_s": 4.0}))
         (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.0}\n{"step": 2, "eval_loss": 1}\n')
-    assert [benchmark.read_run(tmp_path / name)["diverged"] for name in ("nan", "worse", "better")] == [True, True, False]
-    assert benchmark.read_run(tmp_path / "better")["steps_per_second"] == 0.5
+    assert [compare_init.read_run(tmp_path / name)["diverged"] for name in ("nan", "worse", "better")] == [True, True, False]
+    assert compare_init.read_run(tmp_path / "better")["steps_per_second"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -257,46 +257,46 @@ def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverge
         (["--schemes", "normal", "--train_file", "TMP/empty.txt"], "empty.txt' is empty"),
     ],
 )
-def test_benchmark_rejects_bad_input_before_training(tmp_path, capsys, extra, message):
+def test_compare_init_rejects_bad_input_before_training(tmp_path, capsys, extra, message):
     (tmp_path / "empty.txt").write_text("")
     extra = [arg.replace("TMP", str(tmp_path)) for arg in extra]
-    assert benchmark.main(benchmark_argv(tmp_path, *extra)) == 2
+    assert compare_init.main(compare_argv(tmp_path, *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
 
 
-def test_benchmark_reports_a_failing_run_in_one_line(tmp_path, capsys):
+def test_compare_init_reports_a_failing_run_in_one_line(tmp_path, capsys):
     (tmp_path / "one_line.txt").write_text("too short to hold out a validation tail\n")
-    argv = benchmark_argv(tmp_path, "--schemes", "normal", "--seeds", "1", "--train_file", str(tmp_path / "one_line.txt"))
-    assert benchmark.main(argv) == 1
+    argv = compare_argv(tmp_path, "--schemes", "normal", "--seeds", "1", "--train_file", str(tmp_path / "one_line.txt"))
+    assert compare_init.main(argv) == 1
     err = capsys.readouterr().err
-    assert "acx-rt benchmark: error: training run" in err and "1L-normal-seed0 failed" in err
+    assert "acx-rt compare-init: error: training run" in err and "1L-normal-seed0 failed" in err
     assert "Traceback" not in err
 
 
-def test_benchmark_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsys):
-    argv = benchmark_argv(tmp_path, "--seeds", "1", "--variant", "ram:init_scheme=ramanujan")
-    assert benchmark.main(argv) == 0
+def test_compare_init_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsys):
+    argv = compare_argv(tmp_path, "--seeds", "1", "--variant", "ram:init_scheme=ramanujan")
+    assert compare_init.main(argv) == 0
     run = tmp_path / "bench" / "runs" / "1L-ram-seed0"
     stamp = (run / "all_results.json").stat().st_mtime_ns
     # same settings, overrides spelled differently (same parsed fields): reused
-    assert benchmark.main([*argv, "--config_overrides",
+    assert compare_init.main([*argv, "--config_overrides",
                            "num_key_value_heads=2,hidden_size=32,intermediate_size=64,num_attention_heads=2"]) == 0
     assert (run / "all_results.json").stat().st_mtime_ns == stamp
     capsys.readouterr()
     changed = [
-        (["--learning_rate", "0.01"], "learning_rate=0.001, this benchmark would use 0.01"),
-        (["--max_train_steps", "4"], "max_train_steps=3, this benchmark would use 4"),
+        (["--learning_rate", "0.01"], "learning_rate=0.001, this comparison would use 0.01"),
+        (["--max_train_steps", "4"], "max_train_steps=3, this comparison would use 4"),
         (["--block_size", "8"], "block_size=16"),
         (["--per_device_train_batch_size", "3"], "per_device_train_batch_size=2"),
         (["--variant", "ram:init_scheme=ramanujan,attention_scale_alpha=0"], "config_overrides="),
     ]
     for extra, message in changed:
-        assert benchmark.main([*argv, *extra]) == 2
+        assert compare_init.main([*argv, *extra]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("acx-rt benchmark: error: finished run ")
+        assert err.count("\n") == 1 and err.startswith("acx-rt compare-init: error: finished run ")
         assert str(run) in err and message in err and "another --output_dir or delete that run" in err
         assert (run / "all_results.json").stat().st_mtime_ns == stamp
     (run / "training_args.json").unlink()
-    assert benchmark.main(argv) == 2
+    assert compare_init.main(argv) == 2
     assert "has no readable training_args.json" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`acx-rt benchmark`: train layers × variants × seeds with `pretrain` (`acx-rt train`'s loop) and compare validation loss.
+"""`acx-rt compare-init`: train layers × variants × seeds with `pretrain` (`acx-rt train`'s loop) and compare validation loss.
 
 A variant is an init scheme (`--schemes normal,ramanujan`) or a named set of config overrides
 (`--variant "ram-no-embed:init_scheme=ramanujan,embedding_init_scheme=normal"`), so any ablation of the
@@ -7,8 +7,8 @@ model seed and the same data order (the pretraining code seeds both from --seed)
 
 Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>-seed<k>/ and is reused when it already finished with the
 same settings (its training_args.json: preset, overrides, steps, learning rate, batch, block size, seed; the
-training file is not recorded there), so an interrupted benchmark picks up where it stopped; a finished run with
-other settings is refused before anything trains. Results: benchmark.json, benchmark.md, benchmark_loss.png.
+training file is not recorded there), so an interrupted comparison picks up where it stopped; a finished run with
+other settings is refused before anything trains. Results: compare_init.json, compare_init.md, compare_init_loss.png.
 A run counts as diverged when its final validation loss is NaN/inf or above its initial training loss.
 """
 
@@ -35,7 +35,7 @@ from ..training.pretrain import build_config, pretrain, training_arguments
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="acx-rt benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="acx-rt compare-init", description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="4", help="comma-separated layer counts, e.g. 4,12,48")
     parser.add_argument("--schemes", default="", help="comma-separated init schemes, each a variant")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
@@ -100,7 +100,7 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def expected_settings(args: argparse.Namespace, layers: int, overrides: str, seed: int) -> dict:
-    """The training_args.json values (as `acx-rt train` writes them) of the run this benchmark would train."""
+    """The training_args.json values (as `acx-rt train` writes them) of the run this comparison would train."""
     return {"config_name": preset(args), "config_overrides": run_overrides(args, layers, overrides),
             "max_train_steps": args.max_train_steps, "learning_rate": args.learning_rate,
             "block_size": args.block_size, "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -116,7 +116,7 @@ def planned_runs(args: argparse.Namespace):
 
 
 def check_finished_runs(args: argparse.Namespace) -> None:
-    """A finished run is reused only if it was trained with this benchmark's settings; otherwise refuse, naming it."""
+    """A finished run is reused only if it was trained with this comparison's settings; otherwise refuse, naming it."""
     advice = "use another --output_dir or delete that run"
     for layers, _, overrides, seed, run_dir in planned_runs(args):
         if not is_finished(run_dir):
@@ -128,7 +128,7 @@ def check_finished_runs(args: argparse.Namespace) -> None:
                              f"cannot be checked; {advice}") from None
         for key, value in expected_settings(args, layers, overrides, seed).items():
             if not same_setting(key, trained.get(key), value):
-                raise ValueError(f"finished run {run_dir} was trained with {key}={trained.get(key)!r}, this benchmark "
+                raise ValueError(f"finished run {run_dir} was trained with {key}={trained.get(key)!r}, this comparison "
                                  f"would use {value!r}; {advice}")
 
 
@@ -152,7 +152,7 @@ def run_overrides(args: argparse.Namespace, layers: int, variant_overrides: str)
 
 
 def run_arguments(args: argparse.Namespace, layers: int, variant_overrides: str, seed: int, run_dir: Path):
-    """The `pretrain` arguments of one run: the benchmark's budget, this variant's config, this seed."""
+    """The `pretrain` arguments of one run: the comparison's budget, this variant's config, this seed."""
     return training_arguments(
         config_name=preset(args),
         config_overrides=run_overrides(args, layers, variant_overrides),
@@ -192,7 +192,7 @@ def run_all(args: argparse.Namespace) -> dict:
         if not is_finished(run_dir):
             try:
                 pretrain(run_arguments(args, layers, overrides, seed, run_dir))
-            except (InputError, WorkFailed) as error:  # a run's input error is this benchmark's failure
+            except (InputError, WorkFailed) as error:  # a run's input error is this comparison's failure
                 raise WorkFailed(f"training run {run_dir} failed: {error}") from None
         runs[(layers, name, seed)] = read_run(run_dir)
     return runs
@@ -234,9 +234,9 @@ def markdown_report(args: argparse.Namespace, argv: list[str], rows: list[dict])
           f"`{row['overrides']}`"] for row in rows],
     )
     return "\n".join([
-        f"# acx-rt benchmark{' (MoE)' if args.moe else ''}",
+        f"# acx-rt compare-init{' (MoE)' if args.moe else ''}",
         "",
-        f"Command: `acx-rt benchmark {shlex.join(argv)}`  ",
+        f"Command: `acx-rt compare-init {shlex.join(argv)}`  ",
         f"Finished: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Seeds 0..{args.seeds - 1}, "
         f"{args.max_train_steps} steps, lr {args.learning_rate}, batch {args.per_device_train_batch_size}×{args.block_size} "
         f"tokens, preset {preset(args)}" + (f" with `{args.config_overrides}`" if args.config_overrides else "") + ". "
@@ -263,15 +263,15 @@ def plot_curves(args: argparse.Namespace, runs: dict, path: Path, window: int = 
 
 
 def main(argv: list[str]) -> int:
-    return run_command("acx-rt benchmark", lambda: parse_args(argv), lambda args: report(args, argv, run_all(args)))
+    return run_command("acx-rt compare-init", lambda: parse_args(argv), lambda args: report(args, argv, run_all(args)))
 
 
 def report(args: argparse.Namespace, argv: list[str], runs: dict) -> None:
     rows = summarize(args, runs)
     records = {f"{layers}L-{name}-seed{seed}": {k: v for k, v in run.items() if k != "train_loss"}
                for (layers, name, seed), run in runs.items()}
-    write_json_atomically(args.output_dir / "benchmark.json", {
-        "command": ["acx-rt", "benchmark", *argv], "variants": args.variants, "summary": rows, "runs": records})
-    write_text_atomically(args.output_dir / "benchmark.md", markdown_report(args, argv, rows))
-    plot_curves(args, runs, args.output_dir / "benchmark_loss.png")
+    write_json_atomically(args.output_dir / "compare_init.json", {
+        "command": ["acx-rt", "compare-init", *argv], "variants": args.variants, "summary": rows, "runs": records})
+    write_text_atomically(args.output_dir / "compare_init.md", markdown_report(args, argv, rows))
+    plot_curves(args, runs, args.output_dir / "compare_init_loss.png")
     print(markdown_report(args, argv, rows))
