@@ -1,12 +1,13 @@
-"""The pretraining recipe's pieces (acx_ramanujan/training/recipe.py): which parameters Muon takes, the shared
-schedule, and the random windows' rows."""
+"""The pretraining recipe's pieces (acx_ramanujan/training/recipe.py): which parameters Muon takes, Muon's step
+against torch's, the shared schedule, and the random windows' rows."""
 
 import pytest
 import torch
 
 from acx_ramanujan import RamanujanConfig, RamanujanForCausalLM
 from acx_ramanujan.training.pretrain import training_arguments
-from acx_ramanujan.training.recipe import ExpertMuon, RandomWindows, make_optimizers, make_schedulers
+from acx_ramanujan.training import recipe
+from acx_ramanujan.training.recipe import ExpertMuon, Muon, RandomWindows, make_optimizers, make_schedulers
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -19,7 +20,7 @@ def optimizer_names(model, optimizer) -> set[str]:
 def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
     adamw, muon, expert_muon = make_optimizers(model, training_arguments(optimizer="muon"))
-    assert isinstance(adamw, torch.optim.AdamW) and type(muon) is torch.optim.Muon and isinstance(expert_muon, ExpertMuon)
+    assert isinstance(adamw, torch.optim.AdamW) and type(muon) is Muon and isinstance(expert_muon, ExpertMuon)
     projections = ("q_proj", "k_proj", "v_proj", "o_proj")
     assert optimizer_names(model, muon) == {f"model.layers.{layer}.self_attn.{proj}.weight"
                                             for layer in range(2) for proj in projections}
@@ -40,8 +41,48 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     assert optimizer_names(dense, only) == {name for name, _ in dense.named_parameters()}
 
 
-def test_expert_muon_steps_each_expert_matrix_as_torch_muon_steps_a_matrix():
-    """Against torch.optim.Muon on a standalone copy of one expert's up half (gate_up's second half) and down
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_muon_in_bf16_is_torch_muon_and_in_fp32_keeps_its_momentum(shape, adjust_lr_fn, nesterov):
+    torch.manual_seed(0)
+    start, grads = torch.randn(shape), [torch.randn(shape) for _ in range(3)]
+    options = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    params = {name: torch.nn.Parameter(start.clone()) for name in ("torch", "bf16", "fp32")}
+    optimizers = {"torch": torch.optim.Muon([params["torch"]], **options),
+                  "bf16": Muon([params["bf16"]], ns_dtype=torch.bfloat16, **options),
+                  "fp32": Muon([params["fp32"]], ns_dtype=torch.float32, **options)}
+    for grad in grads:  # three steps: the later ones go through the momentum buffers
+        for name, optimizer in optimizers.items():
+            params[name].grad = grad.clone()
+            optimizer.step()
+    assert torch.equal(params["bf16"], params["torch"])
+    assert torch.equal(optimizers["bf16"].state[params["bf16"]]["momentum_buffer"],
+                       optimizers["torch"].state[params["torch"]]["momentum_buffer"])
+    # fp32: the momentum is the same exact recurrence (the orthogonalization must not write into it), and the
+    # update differs from bf16's only by bf16's rounding.
+    buffer = torch.zeros(shape)
+    for grad in grads:
+        buffer.lerp_(grad, 1 - 0.9)
+    assert torch.equal(optimizers["fp32"].state[params["fp32"]]["momentum_buffer"], buffer)
+    moved = {name: (params[name] - start).detach() for name in ("bf16", "fp32")}
+    assert not torch.equal(moved["fp32"], moved["bf16"])
+    assert torch.allclose(moved["fp32"], moved["bf16"], rtol=0, atol=0.03 * moved["bf16"].abs().max())
+
+
+@pytest.mark.parametrize(("cuda", "avx512_bf16", "amx", "expected"), [
+    (None, False, False, torch.float32), (None, True, False, torch.bfloat16), (None, False, True, torch.bfloat16),
+    (True, False, False, torch.bfloat16), (False, True, True, torch.float32)])
+def test_newton_schulz_runs_in_bf16_only_where_bf16_matmuls_are_native(monkeypatch, cuda, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda)
+    device = torch.device("cpu" if cuda is None else "cuda")
+    assert recipe.newton_schulz_dtype(device) == expected
+
+
+def test_expert_muon_steps_each_expert_matrix_as_muon_steps_a_matrix():
+    """Against Muon (itself checked against torch.optim.Muon above) on a standalone copy of one expert's up half (gate_up's second half) and down
     matrix; the gradients are zeroed afterwards."""
     torch.manual_seed(0)
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny-moe", **SHAPE, num_experts=4, moe_intermediate_size=32))
@@ -56,7 +97,7 @@ def test_expert_muon_steps_each_expert_matrix_as_torch_muon_steps_a_matrix():
     half = experts.gate_up_proj.shape[1] // 2
     for name, index in (("gate_up_proj", (1, slice(half, None))), ("down_proj", (2, slice(None)))):
         reference = torch.nn.Parameter(before[name][index].clone())
-        muon = torch.optim.Muon([reference], lr=2e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        muon = Muon([reference], lr=2e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=expert_muon.ns_dtype)
         for _ in range(2):
             reference.grad = grads[name][index].clone()
             muon.step()

@@ -414,7 +414,7 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     eval_dataloader = DataLoader(blocks["validation"], batch_size=args.per_device_eval_batch_size,
                                  collate_fn=default_data_collator, generator=torch.Generator().manual_seed(args.seed))
     blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizers = make_optimizers(model, args)
+    optimizers = make_optimizers(model, args, accelerator.device)
     if args.streaming:  # each process reads its own part of the stream (TrainStream): not for Accelerate to shard
         train_dataloader = TrainStream(blocks["train"], args.per_device_train_batch_size, args.dataloader_num_workers,
                                        accelerator.process_index, accelerator.num_processes, accelerator.device)
@@ -456,6 +456,8 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
         f"{sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{'a stream of' if args.streaming else format(len(blocks['train']), ',')} train blocks of {args.block_size} "
         f"tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
+        + "".join(f"; Muon's Newton-Schulz iteration in {str(optimizer.optimizer.ns_dtype).removeprefix('torch.')}"
+                  for optimizer in optimizers[1:2])
     )
     return Loop(model, optimizers, lr_schedulers, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 

@@ -4,7 +4,8 @@
 - `make_optimizers`: AdamW for embeddings, norms, head and router, and (`--optimizer muon`, the default)
   `torch.optim.Muon` for the decoder layers' 2-D matrices (attention and dense MLP projections), as in the
   modded-nanoGPT line of work; MoE expert tensors (3-D: one matrix per expert) through `ExpertMuon`, the same update
-  per expert matrix.
+  per expert matrix. Both run Muon's Newton–Schulz iteration in bf16 (as torch does) where bf16 matmuls are native,
+  and in fp32 elsewhere (`Muon`, `newton_schulz_dtype`).
 - `make_schedulers`: one Transformers schedule per optimizer, the same shape for each (warmup, then cosine to
   `min_lr_rate` × the peak by default).
 - `RandomWindows`: each training row is a window of the packed training stream starting at a random offset
@@ -15,6 +16,7 @@
 """
 
 import argparse
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -23,9 +25,11 @@ from torch.utils.data import Dataset
 from transformers import get_scheduler
 
 
-def make_optimizers(model: torch.nn.Module, args: argparse.Namespace) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, args: argparse.Namespace,
+                    device: torch.device | None = None) -> list[torch.optim.Optimizer]:
     """[AdamW] (--optimizer adamw), or [AdamW, Muon] and for MoE [AdamW, Muon, ExpertMuon]; AdamW's weight decay on
-    matrices only, not on norms (nanoGPT's `configure_optimizers`)."""
+    matrices only, not on norms (nanoGPT's `configure_optimizers`). `device`: where training runs (default: the
+    model's), which decides Muon's Newton–Schulz precision."""
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     muon = args.optimizer == "muon"
     matrices = [param for name, param in named if muon and is_hidden_matrix(name, param)]
@@ -38,9 +42,10 @@ def make_optimizers(model: torch.nn.Module, args: argparse.Namespace) -> list[to
     ]
     optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))]
     # match_rms_adamw (Moonshot's scaling): the update's RMS matches AdamW's, so AdamW's weight decay carries over.
-    muon_options = dict(lr=args.muon_learning_rate, weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon_options = dict(lr=args.muon_learning_rate, weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw",
+                        ns_dtype=newton_schulz_dtype(device or next(model.parameters()).device))
     if matrices:
-        optimizers.append(torch.optim.Muon(matrices, **muon_options))
+        optimizers.append(Muon(matrices, **muon_options))
     if experts:
         optimizers.append(ExpertMuon(experts, **muon_options))
     return optimizers
@@ -51,8 +56,73 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
     return ".layers." in name and param.ndim == 2 and ".router." not in name
 
 
-class ExpertMuon(torch.optim.Muon):
-    """torch.optim.Muon for MoE expert tensors (experts, out, in), one matrix per expert, which torch's Muon (2-D
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16, torch's choice, where bf16 matmuls are native (CUDA GPUs that support bf16, CPUs with AVX512-BF16 or
+    AMX); fp32 elsewhere, where bf16 matmuls are emulated: on an AVX2-only CPU a bf16 matmul at the tiny preset's
+    sizes took 22× the fp32 time, and Muon's bf16 step made a training step ~10× slower (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton–Schulz iteration in `ns_dtype`. Written out because torch's step casts to
+    bf16 unconditionally (torch/optim/_muon.py, `_zeropower_via_newtonschulz`); with `ns_dtype=torch.bfloat16` this
+    step is torch's, bit for bit (tests/test_recipe.py), and the state (`momentum_buffer`) is the same."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **options):
+        super().__init__(params, **options)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            for param, grad, buffer in zip(params, grads, buffers):
+                # Nesterov momentum, orthogonalize, decoupled weight decay, then the shape-scaled step.
+                buffer.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = orthogonalized(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"] * lr_ratio(group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def orthogonalized(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton–Schulz iteration (Jordan et al. 2024, github.com/KellerJordan/Muon), as torch runs it:
+    X ← X / ‖X‖_F on the wide orientation, then `steps` times X ← aX + (bA + cA²)X with A = XXᵀ."""
+    a, b, c = coefficients
+    x = matrix.to(dtype, copy=True)
+    tall = matrix.size(0) > matrix.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning-rate scaling by shape: "original" √max(1, rows/cols) (Jordan et al.),
+    "match_rms_adamw" 0.2·√max(rows, cols) (Moonshot AI, "Muon is Scalable for LLM Training", 2025)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else 1.0
+
+
+class ExpertMuon(Muon):
+    """`Muon` for MoE expert tensors (experts, out, in), one matrix per expert, which torch's Muon (2-D
     parameters only) cannot take: each matrix gets a 2-D stand-in that Muon steps, copied from the expert tensor
     (weights and gradient) before the step and back after it. The fused gate_up tensor's gate and up halves are
     matrices of their own, as the dense MLP's gate_proj and up_proj are."""
