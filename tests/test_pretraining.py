@@ -135,8 +135,9 @@ def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
 
 
 @pytest.mark.parametrize("model, recipe", [
-    (TINY, ()),  # the default recipe: random windows, Muon + AdamW, warmup, cosine to a floor
+    (TINY, ()),  # the default recipe: packed blocks by epoch, Muon + AdamW, warmup, cosine to a floor
     (MOE, ()),
+    (TINY, ("--sampling", "windows")),
     (TINY, ("--sampling", "epochs", "--optimizer", "adamw", "--lr_scheduler_type", "cosine")),  # the old recipe
 ])
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus, model, recipe):

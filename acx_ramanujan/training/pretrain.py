@@ -71,9 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--block_size", type=int, default=256, help="tokens per training block (context length)")
     data.add_argument("--preprocessing_num_workers", type=int,
                       help="processes for tokenization and packing; default: one per 100k rows, up to one per core")
-    data.add_argument("--sampling", choices=["windows", "epochs"], default="windows",
-                      help="windows: each row starts at a random offset of the training text (nanoGPT's batches); "
-                      "epochs: the fixed packed blocks, reshuffled every epoch (--streaming reads the stream in order)")
+    data.add_argument("--sampling", choices=["epochs", "windows"], default="epochs",
+                      help="epochs: the fixed packed blocks, reshuffled every epoch; windows: each row starts at a "
+                      "random offset of the training text (nanoGPT's batches; measured worse at the quality anchor's "
+                      "budget, docs/benchmarks.md); --streaming reads the stream in order")
     data.add_argument("--streaming", action="store_true",
                       help="read the training data as a stream, tokenized and packed on the fly, never cached whole "
                            "(needs --max_train_steps, and --validation_file with --train_file)")
