@@ -45,7 +45,7 @@ from .data import default_corpus_text, load_raw_datasets, text_to_dataset, token
 from .evaluation import count_predicted_bytes, evaluate_model
 from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
                        stop_requests)
-from .recipe import RandomWindows, make_optimizers, make_schedulers
+from .recipe import Muon, RandomWindows, make_optimizers, make_schedulers
 from .sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
 from .streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
                         validation_rows)
@@ -453,12 +453,12 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     if args.with_tracking:
         accelerator.init_trackers("acx-rt-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in hyperparameters(args, accelerator).items()})
+    muon = next((o.optimizer for o in optimizers if isinstance(o.optimizer, Muon)), None)
     accelerator.print(
         f"{sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{'a stream of' if args.streaming else format(len(blocks['train']), ',')} train blocks of {args.block_size} "
         f"tokens; {args.max_train_steps} steps of {args.block_size * blocks_per_step:,} tokens"
-        + "".join(f"; Muon's Newton-Schulz iteration in {str(optimizer.optimizer.ns_dtype).removeprefix('torch.')}"
-                  for optimizer in optimizers[1:2])
+        + (f"; Muon's Newton-Schulz iteration in {str(muon.ns_dtype).removeprefix('torch.')}" if muon else "")
     )
     return Loop(model, optimizers, lr_schedulers, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 

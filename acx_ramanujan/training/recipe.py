@@ -58,8 +58,8 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16, torch's choice, where bf16 matmuls are native (CUDA GPUs that support bf16, CPUs with AVX512-BF16 or
-    AMX); fp32 elsewhere, where bf16 matmuls are emulated: on an AVX2-only CPU a bf16 matmul at the tiny preset's
-    sizes took 22× the fp32 time, and Muon's bf16 step made a training step ~10× slower (docs/benchmarks.md)."""
+    AMX); fp32 elsewhere, where bf16 matmuls are emulated and the bf16 iteration alone made a training step several
+    times slower (benchmarks/optimizer_step.py; docs/benchmarks.md, "Training recipe")."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
