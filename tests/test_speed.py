@@ -40,3 +40,20 @@ def test_bare_decode_step_matches_the_model(init_scheme):
         expected = model(token, cache=cache).logits
         got = bare_decode_step(model, keys, values, position=7)(token)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_generation_compares_both_paths_with_identical_tokens():
+    """`bench-speed`'s generation comparison at a tiny shape: all four runs timed, the compiled static-cache tokens
+    equal the eager ones for both models, and the FLOP/s fractions come from counted FLOPs (positive, finite)."""
+    from types import SimpleNamespace
+
+    from acx_ramanujan.bench.speed import compiled_generation
+
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, context=16, batch=2)
+    args = SimpleNamespace(prompt_tokens=4, new_tokens=3, repeats=1)
+    result = compiled_generation("tiny", shape, 2, args, {"fp32": 1e9, "bf16": 1e9})
+    assert set(result["tokens_per_s"]) == {"ours eager", "ours static compiled", "llama eager", "llama static compiled"}
+    assert result["identical_tokens"] == {"ours": True, "llama": True}
+    assert 0 < result["gflop_per_token"] < 1e-2
+    fractions = [value for by_dtype in result["fraction_of_peak"].values() for value in by_dtype.values()]
+    assert all(0 < value < float("inf") for value in fractions)

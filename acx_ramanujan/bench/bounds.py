@@ -11,6 +11,10 @@ identical numerics cannot skip, and so the largest ratio any such model could re
   loop (Transformers code every model shares) and the forward, and a hand-written decode step that runs only the
   kernels of one token (no modules, no Transformers code). Even a forward with zero Python overhead inside
   `generate()` could reach at most peer / (loop + kernels).
+- Generation with a static cache and the decode step compiled by `generate()` (`bench-speed`'s fast path): each
+  token's time split by torch.profiler into what runs outside the compiled call (`generate()`'s loop, the 4-D mask
+  it builds for static caches, input preparation, the prompt's eager forward), the compiled call's guard check ("TorchDynamo Cache Lookup"),
+  its matmul and attention kernels, and the rest of the compiled graph (fused elementwise kernels, its wrapper).
 
 usage: python benchmarks/speed_bounds.py [--shapes nanogpt width256] [--repeats 9] [--threads 2]
 """
@@ -30,8 +34,10 @@ from .speed import (
     SHAPES,
     VOCAB_SIZE,
     build,
+    greedy_generation,
     interleaved_seconds,
     model_configs,
+    static_compiled_settings,
     train_step,
 )
 
@@ -39,9 +45,11 @@ from .speed import (
 REQUIRED_KERNELS = (
     "aten::mm",
     "aten::bmm",
+    "aten::addmm",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
 )
+COMPILED_REGION, GUARD_CHECK = "Torch-Compiled Region", "TorchDynamo Cache Lookup"
 
 
 def required_kernel_seconds(step, steps: int = 3) -> float:
@@ -179,6 +187,45 @@ def generation_bounds(shape_name: str, repeats: int, prompt_tokens: int = 16, ne
             "us_forward_needed_for_1.3x": 1e6 * (token["llama"] / 1.3 - loop)}
 
 
+def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1, prompt_tokens: int = 16,
+                              new_tokens: int = 64) -> dict:
+    """Microseconds per generated token with a static cache and the compiled decode step, ours and Llama: the
+    timed total (median of `repeats` interleaved runs), and from one profiled run each the parts named in the module
+    docstring. Profiling slows what it records, so the parts are read as shares of the profiled run's time."""
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    prompt = torch.randint(0, VOCAB_SIZE, (batch_size, prompt_tokens))
+    models = {label: build(config).eval() for label, config in model_configs(shape).items()}
+    runs = {label: greedy_generation(model, prompt, new_tokens, **static_compiled_settings())
+            for label, model in models.items()}
+    timed = interleaved_seconds(runs, repeats)  # its warm-up call compiles
+    result = {"shape": shape_name, "batch": batch_size, "us_per_token": {}, "profiled_share": {}}
+    for label, run in runs.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            run()
+            profiled_s = time.perf_counter() - start
+        events = prof.events()
+        region = sum(e.cpu_time_total for e in events if e.name.startswith(COMPILED_REGION)) / 1e6
+        guard = sum(e.self_cpu_time_total for e in events if e.name == GUARD_CHECK) / 1e6
+        kernels = sum(e.self_cpu_time_total for e in events
+                      if e.name in REQUIRED_KERNELS and inside_compiled_region(e)) / 1e6  # not the prompt's
+        result["us_per_token"][label] = 1e6 * median(timed[label]) / new_tokens
+        result["profiled_share"][label] = {"outside the compiled call": (profiled_s - region - guard) / profiled_s,
+                                           "guard check": guard / profiled_s,
+                                           "matmul + attention kernels": kernels / profiled_s,
+                                           "rest of the compiled graph": (region - kernels) / profiled_s}
+    return result
+
+
+def inside_compiled_region(event) -> bool:
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        if event.name.startswith(COMPILED_REGION):
+            return True
+    return False
+
+
 def _ms(seconds: dict) -> dict:
     return {label: round(1e3 * s, 1) for label, s in seconds.items()}
 
@@ -213,6 +260,16 @@ def main(argv: list[str]) -> int:
               f"{g['us_decode_forward']['ours']:.0f} / {g['us_decode_forward']['llama']:.0f} | {g['us_llama_generate_loop']:.0f} | "
               f"{g['us_decode_kernels_alone']:.0f} | {g['us_forward_needed_for_1.3x']:.0f} | {g['ratio_now']:.2f}x | "
               f"{g['ratio_bound_zero_overhead_forward']:.2f}x |", flush=True)
+    print()
+    parts = ("outside the compiled call", "guard check", "matmul + attention kernels", "rest of the compiled graph")
+    print("| shape | batch | model | µs/token, static cache + compiled | " + " | ".join(parts) + " |")
+    print("|---|---|---|---|" + "---|" * len(parts))
+    for shape_name in args.shapes:
+        for batch_size in (1, 8):
+            g = compiled_generation_split(shape_name, args.repeats, batch_size)
+            for label, share in g["profiled_share"].items():
+                print(f"| {shape_name} | {batch_size} | {label} | {g['us_per_token'][label]:.0f} | "
+                      + " | ".join(f"{share[part]:.0%}" for part in parts) + " |", flush=True)
     return 0
 
 

@@ -5,6 +5,9 @@ Peers get identical shapes, vocabulary, thread count and optimizer (AdamW), and 
 and the ours / theirs ratio of the medians. Figures per shape: training step (forward + backward + AdamW) tokens/s,
 prefill tokens/s, greedy generation tokens/s with the KV cache (batch 1), peak memory of one training step, and the
 achieved FLOP/s of the training step as a fraction of this machine's measured matmul peak (fp32 and bf16).
+Generation both ways Transformers offers, for ours and Llama at batch 1 and 8: its default `generate()` (eager
+forward, dynamic cache) and a static cache with the decode step compiled by `generate()` itself; tokens/s, the
+first call's seconds (which include compiling), whether the tokens are identical, and FLOP/s against the peaks.
 Optional extras: bf16 autocast and `torch.compile` against fp32 eager, and two scaling curves (training step time
 against context length on the sdpa path, and against the number of experts at top-2), plotted as PNG.
 """
@@ -20,7 +23,7 @@ from statistics import median
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from ..files import write_json_atomically
 from ..configuration_ramanujan import RamanujanConfig
@@ -85,13 +88,25 @@ def prefill(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def greedy_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+def greedy_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
+                      **generate_kwargs) -> Callable[[], torch.Tensor]:
     def run():
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)
+            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None, **generate_kwargs)
 
     return run
+
+
+def static_compiled_settings() -> dict:
+    """`generate()` arguments for a static KV cache with the decode step compiled (`CompileConfig(fullgraph=True)`).
+
+    `generate()` compiles the decode step by itself on CUDA/XPU when the cache is static; on other devices only when
+    `compile_config._compile_all_devices` is set, the switch Transformers keeps for compiling on CPU.
+    """
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": compile_config}
 
 
 def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -185,6 +200,33 @@ def compare_shape(name: str, shape: dict, num_experts: int, args, peaks: dict[st
     )
     result["generate_tokens_per_s"] = {label: args.new_tokens / median(times) for label, times in gen.items()}
     return result
+
+
+def compiled_generation(name: str, shape: dict, batch_size: int, args, peaks: dict[str, float]) -> dict:
+    """Greedy generation of ours and Llama (same weights' shapes), each both ways: Transformers' default
+    `generate()` (eager, dynamic cache) and static cache + compiled decode step. Interleaved, medians."""
+    torch.manual_seed(0)
+    models = {label: build(config).eval() for label, config in model_configs(shape).items()}
+    prompt = torch.randint(0, VOCAB_SIZE, (batch_size, args.prompt_tokens))
+    runs = {}
+    for label, model in models.items():
+        runs[f"{label} eager"] = greedy_generation(model, prompt, args.new_tokens)
+        runs[f"{label} static compiled"] = greedy_generation(model, prompt, args.new_tokens, **static_compiled_settings())
+    tokens, first_call_s = {}, {}
+    for label, run in runs.items():  # the first call compiles; it is timed here and left out of the medians
+        start = time.perf_counter()
+        tokens[label] = run()
+        first_call_s[label] = time.perf_counter() - start
+    new_tokens = batch_size * args.new_tokens
+    times = interleaved_seconds(runs, args.repeats, warmup=0)
+    tokens_per_s = {label: new_tokens / median(t) for label, t in times.items()}
+    flops_per_token = counted_flops(runs["ours eager"]) / new_tokens  # the whole call (prompt included) per new token
+    return {"shape": name, "batch": batch_size, "tokens_per_s": tokens_per_s, "first_call_s": first_call_s,
+            "identical_tokens": {label: torch.equal(tokens[f"{label} eager"], tokens[f"{label} static compiled"])
+                                 for label in models},
+            "gflop_per_token": flops_per_token / 1e9,
+            "fraction_of_peak": {label: {dtype: flops_per_token * tps / peak for dtype, peak in peaks.items()}
+                                 for label, tps in tokens_per_s.items()}}
 
 
 def precision_and_compile(name: str, shape: dict, args) -> dict:
@@ -303,6 +345,21 @@ def markdown(results: dict) -> str:
                            if label != "fp32_eager")
         compile_note = f"; compiling took {row['compile_seconds']:.0f} s" if "compile_seconds" in row else ""
         lines.append(f"- {row['shape']} dense, our training step: fp32 eager {times['fp32_eager']:.0f} ms, {extras}{compile_note}.")
+    if results["compiled_generation"]:
+        lines += ["", "| shape | batch | generate tok/s: ours eager / ours static compiled / Llama eager / Llama static "
+                  "compiled | ours compiled / Llama eager | ours compiled / Llama compiled | first call s (ours / Llama, "
+                  "compiled) | identical tokens (ours, Llama) | ours compiled vs fp32 / bf16 peak |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for row in results["compiled_generation"]:
+        speed, first, fraction = row["tokens_per_s"], row["first_call_s"], row["fraction_of_peak"]["ours static compiled"]
+        lines.append(
+            f"| {row['shape']} | {row['batch']} | {speed['ours eager']:.0f} / {speed['ours static compiled']:.0f} / "
+            f"{speed['llama eager']:.0f} / {speed['llama static compiled']:.0f} "
+            f"| **{speed['ours static compiled'] / speed['llama eager']:.2f}x** "
+            f"| {speed['ours static compiled'] / speed['llama static compiled']:.2f}x "
+            f"| {first['ours static compiled']:.0f} / {first['llama static compiled']:.0f} "
+            f"| {row['identical_tokens']['ours']}, {row['identical_tokens']['llama']} "
+            f"| {fraction['fp32']:.1%} / {fraction['bf16']:.1%} |")
     return "\n".join(lines)
 
 
@@ -314,7 +371,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt_tokens", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens generated per run (batch 1)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time torch.compile of our model (slow to compile on a small CPU)")
+                        help="also time torch.compile: our training step, and generation with a static cache and "
+                             "a compiled decode step, ours and Llama (slow to compile on a small CPU)")
+    parser.add_argument("--generation_batches", type=int, nargs="+", default=[1, 8],
+                        help="batch sizes of the static-cache compiled generation comparison")
     parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure and plot step time against context length and number of experts")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
@@ -326,6 +386,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("threads", "repeats", "prompt_tokens", "new_tokens", "scaling_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if min(args.generation_batches) < 1:
+        parser.error(f"--generation_batches must be >= 1, got {min(args.generation_batches)}")
     if min(args.contexts) < 2 or min(args.experts) < TOP_K:
         parser.error(f"--contexts must be >= 2 and --experts >= {TOP_K} (top-{TOP_K} routing)")
     return args
@@ -338,13 +400,18 @@ def main(argv: list[str]) -> int:
     peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
     results = {"started": started, "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
                "load_average_at_start": os.getloadavg(), "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
-               "argv": argv, "comparisons": [], "precision_and_compile": []}
+               "argv": argv, "comparisons": [], "precision_and_compile": [], "compiled_generation": []}
     for name in args.shapes:
         for num_experts in (0, NUM_EXPERTS):
             print(f"[bench-speed] {name} {'MoE' if num_experts else 'dense'} ...", file=sys.stderr, flush=True)
             results["comparisons"].append(compare_shape(name, SHAPES[name], num_experts, args, peaks))
         print(f"[bench-speed] {name} bf16 / compile ...", file=sys.stderr, flush=True)
         results["precision_and_compile"].append(precision_and_compile(name, SHAPES[name], args))
+        if args.compile:
+            for batch_size in args.generation_batches:
+                print(f"[bench-speed] {name} generation, batch {batch_size}, static cache + compile ...",
+                      file=sys.stderr, flush=True)
+                results["compiled_generation"].append(compiled_generation(name, SHAPES[name], batch_size, args, peaks))
     if args.scaling:
         print("[bench-speed] scaling ...", file=sys.stderr, flush=True)
         results["context_scaling"] = context_scaling(args)
