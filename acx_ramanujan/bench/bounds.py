@@ -15,8 +15,13 @@ identical numerics cannot skip, and so the largest ratio any such model could re
   token's time split by torch.profiler into what runs outside the compiled call (`generate()`'s loop, the 4-D mask
   it builds for static caches, input preparation, the prompt's eager forward), the compiled call's guard check ("TorchDynamo Cache Lookup"),
   its matmul and attention kernels, and the rest of the compiled graph (fused elementwise kernels, its wrapper).
+  Then what two settings that attack those parts buy, against Llama's default `generate()`: inductor's C++ wrapper
+  (`cpp_wrapper`, the graph's Python wrapper in C++) and skipping the guard check on calls after the first
+  (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: safe only while every call has the same shapes, as in
+  one greedy run with a static cache).
 
 usage: python benchmarks/speed_bounds.py [--shapes nanogpt width256] [--repeats 9] [--threads 2]
+       [--parts training generation compiled_split compile_variants]
 """
 
 import argparse
@@ -218,6 +223,36 @@ def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1
     return result
 
 
+def compile_variants(shape_name: str, repeats: int, batch_size: int = 1, prompt_tokens: int = 16,
+                     new_tokens: int = 64) -> dict:
+    """Microseconds per token: Llama's default `generate()` against our static-cache compiled generation with the
+    default settings, with `cpp_wrapper`, and each with the guard check skipped; interleaved, medians."""
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    prompt = torch.randint(0, VOCAB_SIZE, (batch_size, prompt_tokens))
+    configs = model_configs(shape)
+    runs = {"llama eager": greedy_generation(build(configs["llama"]).eval(), prompt, new_tokens)}
+    for label, options in (("compiled", None), ("compiled, cpp_wrapper", {"cpp_wrapper": True})):
+        torch.manual_seed(0)
+        model = build(configs["ours"]).eval()  # one model per setting: generate() keeps one compiled call per model
+        settings = static_compiled_settings()
+        if options:  # torch.compile takes a mode or options, not both
+            settings["compile_config"].mode, settings["compile_config"].options = None, options
+        runs[label] = greedy_generation(model, prompt, new_tokens, **settings)
+        runs[label + ", guards skipped"] = skipping_guards(runs[label])
+    seconds = interleaved_seconds(runs, repeats)
+    return {"shape": shape_name, "batch": batch_size,
+            "us_per_token": {label: 1e6 * median(t) / new_tokens for label, t in seconds.items()}}
+
+
+def skipping_guards(run):
+    def skipping():
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return run()
+
+    return skipping
+
+
 def inside_compiled_region(event) -> bool:
     while event.cpu_parent is not None:
         event = event.cpu_parent
@@ -230,16 +265,7 @@ def _ms(seconds: dict) -> dict:
     return {label: round(1e3 * s, 1) for label, s in seconds.items()}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed runs (medians reported)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1")
-    torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+def training_table(args) -> None:
     print("| shape | peer | step ms (ours / peer) | required kernels ms (ours / peer) | ratio now | bound (kernels) | bound (our dense) |")
     print("|---|---|---|---|---|---|---|")
     for shape_name in args.shapes:
@@ -250,7 +276,9 @@ def main(argv: list[str]) -> int:
             print(f"| {shape_name}{' MoE' if num_experts else ''} | {peer} | {r['step_ms']['ours']} / {r['step_ms'][peer]} | "
                   f"{r['required_kernels_ms']['ours']} / {r['required_kernels_ms'][peer]} | {r['ratio_now']:.2f}x | "
                   f"{r['ratio_bound_kernels']:.2f}x | {dense} |", flush=True)
-    print()
+
+
+def generation_table(args) -> None:
     print("| shape | µs/token (ours / llama) | decode forward µs (ours / llama) | generate() loop µs | kernels alone µs | "
           "forward needed for 1.3x µs | ratio now | bound (zero-overhead forward) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -260,7 +288,9 @@ def main(argv: list[str]) -> int:
               f"{g['us_decode_forward']['ours']:.0f} / {g['us_decode_forward']['llama']:.0f} | {g['us_llama_generate_loop']:.0f} | "
               f"{g['us_decode_kernels_alone']:.0f} | {g['us_forward_needed_for_1.3x']:.0f} | {g['ratio_now']:.2f}x | "
               f"{g['ratio_bound_zero_overhead_forward']:.2f}x |", flush=True)
-    print()
+
+
+def compiled_split_table(args) -> None:
     parts = ("outside the compiled call", "guard check", "matmul + attention kernels", "rest of the compiled graph")
     print("| shape | batch | model | µs/token, static cache + compiled | " + " | ".join(parts) + " |")
     print("|---|---|---|---|" + "---|" * len(parts))
@@ -270,6 +300,36 @@ def main(argv: list[str]) -> int:
             for label, share in g["profiled_share"].items():
                 print(f"| {shape_name} | {batch_size} | {label} | {g['us_per_token'][label]:.0f} | "
                       + " | ".join(f"{share[part]:.0%}" for part in parts) + " |", flush=True)
+
+
+def compile_variants_table(args) -> None:
+    print("| shape | batch | µs/token (× Llama's default generate()) |")
+    print("|---|---|---|")
+    for shape_name in args.shapes:
+        for batch_size in (1, 8):
+            v = compile_variants(shape_name, args.repeats, batch_size)["us_per_token"]
+            print(f"| {shape_name} | {batch_size} | " + "; ".join(
+                f"{label} {us:.0f} ({v['llama eager'] / us:.2f}x)" for label, us in v.items()) + " |", flush=True)
+
+
+PARTS = {"training": training_table, "generation": generation_table, "compiled_split": compiled_split_table,
+         "compile_variants": compile_variants_table}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed runs (medians reported)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="which tables to measure")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    for part in args.parts:
+        PARTS[part](args)
+        print()
     return 0
 
 
