@@ -197,6 +197,7 @@ def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1
     """Microseconds per generated token with a static cache and the compiled decode step, ours and Llama: the
     timed total (median of `repeats` interleaved runs), and from one profiled run each the parts named in the module
     docstring. Profiling slows what it records, so the parts are read as shares of the profiled run's time."""
+    torch.compiler.reset()  # see compiled_generation in speed.py
     shape = SHAPES[shape_name]
     torch.manual_seed(0)
     prompt = torch.randint(0, VOCAB_SIZE, (batch_size, prompt_tokens))
@@ -227,6 +228,7 @@ def compile_variants(shape_name: str, repeats: int, batch_size: int = 1, prompt_
                      new_tokens: int = 64) -> dict:
     """Microseconds per token: Llama's default `generate()` against our static-cache compiled generation with the
     default settings, with `cpp_wrapper`, and each with the guard check skipped; interleaved, medians."""
+    torch.compiler.reset()  # see compiled_generation in speed.py
     shape = SHAPES[shape_name]
     torch.manual_seed(0)
     prompt = torch.randint(0, VOCAB_SIZE, (batch_size, prompt_tokens))

@@ -212,6 +212,9 @@ def compare_shape(name: str, shape: dict, num_experts: int, args, peaks: dict[st
 def compiled_generation(name: str, shape: dict, batch_size: int, args, peaks: dict[str, float]) -> dict:
     """Greedy generation of ours and Llama (same weights' shapes), each both ways: Transformers' default
     `generate()` (eager, dynamic cache) and static cache + compiled decode step. Interleaved, medians."""
+    # Every model's compiled call shares one code object (Transformers' forward wrapper), which Dynamo recompiles per
+    # model up to its recompile limit; a fresh start per comparison keeps earlier rows from using it up.
+    torch.compiler.reset()
     torch.manual_seed(0)
     models = {label: build(config).eval() for label, config in model_configs(shape).items()}
     prompt = torch.randint(0, VOCAB_SIZE, (batch_size, args.prompt_tokens))
