@@ -22,11 +22,12 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 # The seed's attention temperature α, which `init_scheme="ramanujan"` brings along unless α is set explicitly.
 SEED_ATTENTION_SCALE_ALPHA = 0.3
 
-# The router's loss settings: (type, default). They exist only on mixture-of-experts configs, as on Qwen3-MoE and
+# The router's training settings: (type, default). They exist only on mixture-of-experts configs, as on Qwen3-MoE and
 # Mixtral configs and unlike Llama's: clients such as TRL read `hasattr(config, "output_router_logits")` as "this
-# model has a router" and then ask for router losses a dense model does not have.
+# model has a router" and then ask for router losses a dense model does not have. `router_bias_update_rate` is
+# DeepSeek-V3's bias update speed γ for auxiliary-loss-free balancing (0: off; see `RamanujanRouter`).
 MOE_LOSS_FIELDS = {"router_aux_loss_coef": (float, 0.01), "router_z_loss_coef": (float, 0.001),
-                   "output_router_logits": (bool, False)}
+                   "output_router_logits": (bool, False), "router_bias_update_rate": (float, 0.0)}
 
 # Tensor-parallel rules by module path under the base model, grouped by the module that a config may or may not build.
 TP_PLANS = {
@@ -51,6 +52,7 @@ FLOAT_RANGES = {
     "attention_dropout": ("in [0, 1)", lambda value: 0 <= value < 1),
     "router_aux_loss_coef": (">= 0", lambda value: value >= 0),
     "router_z_loss_coef": (">= 0", lambda value: value >= 0),
+    "router_bias_update_rate": (">= 0", lambda value: value >= 0),
 }
 
 
@@ -104,8 +106,8 @@ class RamanujanConfig(PreTrainedConfig):
     num_shared_experts: int = 0
     first_k_dense_layers: int = 0
     norm_topk_prob: bool = True
-    # router_aux_loss_coef (0.01), router_z_loss_coef (0.001), output_router_logits (False): MoE only, see
-    # MOE_LOSS_FIELDS; set in __post_init__.
+    # router_aux_loss_coef (0.01), router_z_loss_coef (0.001), output_router_logits (False),
+    # router_bias_update_rate (0.0): MoE only, see MOE_LOSS_FIELDS; set in __post_init__.
 
     # Initialization
     init_scheme: str = "normal"
@@ -154,7 +156,7 @@ class RamanujanConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be {_type_name(annotation)}, got {getattr(self, name)!r}")
 
     def _set_moe_loss_fields(self, kwargs: dict):
-        """Pop the router-loss settings from `kwargs`: set on MoE configs, refused on dense ones unless default
+        """Pop the router's training settings from `kwargs`: set on MoE configs, refused on dense ones unless default
         (configs saved before they became MoE-only carry the defaults)."""
         for name, (kind, default) in MOE_LOSS_FIELDS.items():
             value = kwargs.pop(name, default)
