@@ -13,6 +13,7 @@ only into the request headers, and is never printed.
 """
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -285,7 +286,8 @@ def check_weights(output_dir: Path, config) -> None:
     of the model the config builds.
 
     The model is built on the meta device (no memory); weights tied to another (`all_tied_weights_keys`) may be
-    absent from the files, since `save_pretrained` stores them once.
+    absent from the files, since `save_pretrained` stores them once, and so may what `from_pretrained` loads without
+    (`_keys_to_ignore_on_load_missing`: the MoE balancing bias, which older checkpoints lack).
     """
     saved = check_saved_weights(output_dir)
     architecture = (config.architectures or [RamanujanForCausalLM.__name__])[0]
@@ -295,7 +297,9 @@ def check_weights(output_dir: Path, config) -> None:
     with init_empty_weights():
         model = model_class(config)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing = sorted(set(expected) - set(saved) - set(model.all_tied_weights_keys))
+    optional = re.compile("|".join(model._keys_to_ignore_on_load_missing) or "(?!)")
+    missing = sorted(name for name in set(expected) - set(saved) - set(model.all_tied_weights_keys)
+                     if not optional.search(name))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [f"{name} {saved[name]} vs {expected[name]}" for name in sorted(set(saved) & set(expected)) if saved[name] != expected[name]]
     problems = []

@@ -276,10 +276,22 @@ class RamanujanExperts(nn.Module):
 
 
 class RamanujanSparseMoeBlock(nn.Module):
-    """Softmax router, top-k experts (renormalized when norm_topk_prob), plus optional always-on shared experts."""
+    """Softmax router, top-k experts (renormalized when norm_topk_prob), plus optional always-on shared experts.
+
+    `e_score_correction_bias` (DeepSeek-V3's name) is the per-expert bias of auxiliary-loss-free load balancing
+    (Wang et al. 2024; DeepSeek-V3 report §2.1.2): added to the routing probabilities only to choose the top k,
+    while the gating weights stay the unbiased probabilities. It is a buffer, not a parameter: no gradient moves
+    it, `update_router_biases` does, from the choices counted here in training forwards (when
+    `config.router_bias_update_rate` > 0). Every MoE layer has one, so checkpoints have one layout whatever the rate;
+    zero, it changes nothing. It lives here rather than on the router so that PEFT, which wraps every `nn.Linear`
+    (the router too) with "all-linear", leaves it in place. The recorded `router_logits` stay the plain logits, as
+    Qwen3-MoE's and Mixtral's. The counts are a plain tensor, not a buffer: DDP broadcasts buffers from rank 0 at
+    every forward, which would overwrite each process's own counts between accumulation micro-batches.
+    """
 
     def __init__(self, config: RamanujanConfig):
         super().__init__()
+        self.config = config
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.router = RamanujanRouter(config)
@@ -289,19 +301,82 @@ class RamanujanSparseMoeBlock(nn.Module):
             if config.num_shared_experts > 0
             else None
         )
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(config.num_experts, dtype=torch.float32))
+        self.assignment_counts: torch.Tensor | None = None  # top-k choices per expert since the last update
+
+    @property
+    def bias_update_rate(self) -> float:
+        return getattr(self.config, "router_bias_update_rate", 0.0)
+
+    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) of each token's top k: chosen by `probs + bias`, weighted by `probs` themselves.
+
+        With a zero bias this is `torch.topk(probs, k)` bit for bit (adding +0.0 changes no value). In training
+        with a positive rate the choices are counted; a gradient-checkpointing recompute counts a layer's choices
+        twice, which leaves the sign of every (mean − count), all the update reads, unchanged.
+        """
+        top_k_index = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1).indices
+        if self.training and self.bias_update_rate > 0:
+            self.count(top_k_index)
+        return probs.gather(-1, top_k_index), top_k_index
+
+    @torch.no_grad()
+    def count(self, top_k_index: torch.Tensor) -> None:
+        flat = top_k_index.reshape(-1)
+        if self.assignment_counts is None or self.assignment_counts.device != flat.device:
+            self.assignment_counts = torch.zeros(self.e_score_correction_bias.numel(), dtype=torch.long,
+                                                 device=flat.device)
+        self.assignment_counts.index_add_(0, flat, torch.ones_like(flat))
+
+    def take_counts(self) -> torch.Tensor:
+        """The counts since the last call (zeros if none), on the bias's device; counting starts afresh."""
+        counts, self.assignment_counts = self.assignment_counts, None
+        if counts is None:
+            return torch.zeros_like(self.e_score_correction_bias, dtype=torch.long)
+        return counts.to(self.e_score_correction_bias.device)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
         router_logits = self.router(flat)
         routing_weights = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_k_weights, top_k_index = torch.topk(routing_weights, self.top_k, dim=-1)
+        top_k_weights, top_k_index = self.select(routing_weights)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
         output = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat)
         return output.reshape(batch_size, sequence_length, hidden_dim)
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module) -> None:
+    """One auxiliary-loss-free balancing step for every MoE layer of `model` (DeepSeek-V3 report §2.1.2):
+    b_e ← b_e + γ·sign(mean load − load_e), the loads being the top-k assignments counted since the last call.
+
+    Call it once per optimizer step. Overloaded experts are pushed down, underloaded ones up, by γ =
+    `config.router_bias_update_rate`; nothing happens when γ is 0. Under torch.distributed the counts are summed
+    over processes first, so every process applies the same update and the biases stay identical. The sign is
+    computed in integers, as sign(Σ_e load_e − E·load_e), so it is exact at any count.
+    """
+    blocks = [module for module in model.modules()
+              if isinstance(module, RamanujanSparseMoeBlock) and module.bias_update_rate > 0]
+    if not blocks:
+        return
+    counts = torch.stack([block.take_counts() for block in blocks])
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(counts)
+    direction = torch.sign(counts.sum(dim=-1, keepdim=True) - counts.shape[-1] * counts)
+    for block, step in zip(blocks, direction):
+        bias = block.e_score_correction_bias
+        bias.add_(step.to(bias.dtype), alpha=block.bias_update_rate)
+
+
+def router_biases(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each MoE layer's `e_score_correction_bias`, in layer order: the order of the recorded `router_logits`."""
+    blocks = (module for module in model.modules() if isinstance(module, RamanujanSparseMoeBlock))
+    return tuple(block.e_score_correction_bias for block in blocks)
 
 
 class RamanujanDecoderLayer(GradientCheckpointingLayer):
@@ -356,6 +431,8 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         "hidden_states": RamanujanDecoderLayer,
         "attentions": RamanujanAttention,
     }
+    # Checkpoints saved before the routers had a balancing bias load quietly with a zero bias: what they routed by.
+    _keys_to_ignore_on_load_missing = [r"\.mlp\.e_score_correction_bias$"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also name every head we ship in config.json's `auto_map`.
@@ -375,7 +452,16 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         """
         return super().get_correct_experts_implementation(requested_experts or "eager")
 
+    def update_router_biases(self) -> None:
+        """One auxiliary-loss-free balancing step of every MoE layer (see `update_router_biases`): call it once per
+        optimizer step when `config.router_bias_update_rate` > 0 (`acx-rt train` and `acx-rt finetune` do)."""
+        update_router_biases(self)
+
     def post_init(self):
+        # The routers' balancing bias moves by γ ~ 1e-3 per step, steps bf16's 8-bit mantissa would lose: it stays in
+        # float32 when a checkpoint is loaded in half precision (as DeepSeek-V3's). Set per model, since the list may
+        # only name modules the model has, and dense models have none.
+        self._keep_in_fp32_modules_strict = ["e_score_correction_bias"] if self.config.is_moe else None
         self.weight_roles = weight_roles(self)  # before super().post_init(), which initializes the weights
         super().post_init()
 
@@ -416,6 +502,8 @@ class RamanujanPreTrainedModel(PreTrainedModel):
                 module.weight[module.padding_idx].zero_()
         elif isinstance(module, RamanujanRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, RamanujanSparseMoeBlock):
+            init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, RamanujanRotaryEmbedding):
             inv_freq, _ = module.compute_inv_freq(module.config, module.inv_freq.device)
             init.copy_(module.inv_freq, inv_freq)
@@ -571,20 +659,35 @@ class RamanujanModel(RamanujanPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
+def chosen_experts(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The expert ids each token was routed to: top k of softmax(logits) + bias, as
+    `RamanujanSparseMoeBlock.select` chooses. Without a bias, the top k of the logits (the same choice: softmax
+    keeps the order)."""
+    if bias is None:
+        return torch.topk(logits, top_k, dim=-1).indices
+    return torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32) + bias.to(logits.device), top_k, dim=-1).indices
+
+
 def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    biases: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Switch-Transformer balance loss (Fedus et al. 2022, eq. 4) on the real top-k assignment, averaged over layers.
 
     Per layer: E · Σ_e f_e · P_e, with f_e the share of the N·k top-k assignments that go to expert e and
     P_e the mean router probability of e over tokens. This is Mixtral's top-k form divided by k, so it is 1.0 at
     perfect balance for any k and grows to E when all tokens pick the same experts. Padding (mask 0) is left out.
+    `biases` (`router_biases(model)`, one per layer) are the routers' balancing biases: f_e counts the choice they
+    made (the real assignment), P_e stays the unbiased probability, through which the gradient flows.
     """
     losses = []
-    for logits in router_logits:
+    for layer, logits in enumerate(router_logits):
         num_experts = logits.shape[-1]
         probs = F.softmax(logits.float(), dim=-1)
-        chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+        scores = probs if biases is None else probs + biases[layer].to(probs.device)
+        chosen = F.one_hot(torch.topk(scores, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
         weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
         weights = weights / weights.sum().clamp_min(1)  # an all-padding batch: weight 0, not 0/0
         assignment_share = (chosen * weights[:, None]).sum(0) / top_k
@@ -606,11 +709,15 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
     return torch.stack(losses).mean()
 
 
-def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Share of top-k assignments per expert, one row per MoE layer: (num_moe_layers, num_experts), rows sum to 1."""
+def expert_load(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, biases: tuple[torch.Tensor, ...] | None = None
+) -> torch.Tensor:
+    """Share of top-k assignments per expert, one row per MoE layer: (num_moe_layers, num_experts), rows sum to 1.
+
+    Pass the routers' balancing biases (`router_biases(model)`) to count the choice the model really made."""
     rows = []
-    for logits in router_logits:
-        chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
+    for layer, logits in enumerate(router_logits):
+        chosen = chosen_experts(logits, top_k, None if biases is None else biases[layer]).reshape(-1)
         rows.append(torch.bincount(chosen, minlength=logits.shape[-1]).float() / chosen.numel())
     return torch.stack(rows)
 
@@ -689,7 +796,8 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         aux_loss = z_loss = None
         if need_router_logits:
-            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask,
+                                           router_biases(self))
             z_loss = router_z_loss(outputs.router_logits, attention_mask)
             if loss is not None:
                 # Summed in this order since the first release, so the total (and the published numbers) stay exact.
@@ -792,4 +900,6 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "expert_load",
+    "router_biases",
+    "update_router_biases",
 ]

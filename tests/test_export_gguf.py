@@ -69,7 +69,7 @@ def test_file_holds_the_llama_architecture_and_the_byte_vocabulary(tmp_path):
     "overrides, message",
     [
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
-        (dict(num_experts=4, num_shared_experts=1), "maps to Ernie4_5_MoeForCausalLM (shared experts or leading dense"),
+        (dict(num_experts=4, num_shared_experts=1), "maps to Ernie4_5_MoeForCausalLM (shared experts, leading dense layers"),
         (dict(num_experts=4, norm_topk_prob=False), "norm_topk_prob=False has no exact in-library equivalent"),
         (dict(vocab_size=320), "the tokenizer has 259 tokens and the model vocab_size 320"),
     ],

@@ -86,7 +86,9 @@ def reference_pair(kind: str):
         theirs = MixtralForCausalLM(MixtralConfig(**shared, num_local_experts=4, num_experts_per_tok=2))
     else:
         theirs = LlamaForCausalLM(LlamaConfig(**shared))
-    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in ours.state_dict().items()}
+    # Our routers' balancing bias is zero here (it changes nothing) and has no Mixtral counterpart.
+    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in ours.state_dict().items()
+             if not name.endswith("e_score_correction_bias")}
     theirs.load_state_dict(state, strict=True)
     return ours, theirs.eval()
 

@@ -288,7 +288,7 @@ BAD_INPUTS = {
     "no weights": (lambda run: (run / "model.safetensors").unlink(), "test-user/x", "has no weights"),
     "weights of another config": (lambda run: save_weights_of(tiny_config(hidden_size=48), run), "test-user/x",
                                   "do not match its config.json: shape (saved vs config) lm_head.weight (259, 48) vs (259, 32); model.embed_tokens.weight (259, 48) vs (259, 32)"),
-    "weights of a MoE config": (lambda run: save_weights_of(tiny_moe_config(), run), "test-user/x", "unexpected model.layers.0.mlp.experts"),
+    "weights of a MoE config": (lambda run: save_weights_of(tiny_moe_config(), run), "test-user/x", "unexpected model.layers.0.mlp.e_score_correction_bias, model.layers.0.mlp.experts"),
     "missing shard": (drop_shard, "test-user/x", "index.json names shard(s) that are missing: model-0000"),
     "missing code file": (lambda run: (run / "initialization_ramanujan.py").unlink(), "test-user/x", "lacks the code file initialization_ramanujan.py"),
     "no tokenizer": (lambda run: (run / "tokenizer_config.json").unlink(), "test-user/x", "has no tokenizer_config.json"),

@@ -54,8 +54,9 @@ class GgufError(ValueError):
 def check_representable(config) -> None:
     if config.model_type not in ("llama", "mixtral"):
         raise GgufError(
-            f"the model maps to {config.architectures[0]} (shared experts or leading dense layers); the GGUF export "
-            "writes llama.cpp's llama architecture, dense or Mixtral-style MoE only (export --format llama keeps it)"
+            f"the model maps to {config.architectures[0]} (shared experts, leading dense layers or a nonzero router "
+            "balancing bias); the GGUF export writes llama.cpp's llama architecture, dense or Mixtral-style MoE only "
+            "(export --format llama keeps it)"
         )
     rope_type = config.rope_parameters.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:

@@ -10,10 +10,11 @@ What maps where (anything else is refused, naming the field):
 - dense (num_experts = 0): Llama, with any head (tied or not), GQA, head_dim and rope type (both models compute
   RoPE from the same `rope_parameters` through Transformers' registry).
 - MoE with `norm_topk_prob=True` (softmax over the router logits, top-k, renormalized):
-  - without shared experts and leading dense layers: Mixtral, the same routing.
-  - otherwise: ERNIE 4.5 MoE, whose shared experts are ours (one ungated SwiGLU of moe_intermediate_size × count,
-    added) and whose `moe_layer_start_index` is our `first_k_dense_layers`. It routes as we do (its score-correction
-    bias, zero, only breaks top-k ties) and rotates adjacent pairs (2i, 2i+1) where Llama rotates (i, i + d/2), so
+  - without shared experts, leading dense layers and a nonzero balancing bias: Mixtral, the same routing.
+  - otherwise (or when the routers' balancing bias is nonzero): ERNIE 4.5 MoE, whose shared experts are ours (one
+    ungated SwiGLU of moe_intermediate_size × count, added) and whose `moe_layer_start_index` is our
+    `first_k_dense_layers`. It routes as we do: its `e_score_correction_bias` is added to the softmax probabilities
+    to choose the top k only, as ours is; and it rotates adjacent pairs (2i, 2i+1) where Llama rotates (i, i + d/2), so
     each head's q and k rows are reordered to match: the same dot products, exactly.
 - MoE with `norm_topk_prob=False`: refused. Transformers 5.24's classes that can skip the renormalization
   (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms; Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses
@@ -46,7 +47,7 @@ from ..configuration_ramanujan import RamanujanConfig
 from ..commands import InputError
 from . import ExportError, random_batch
 from ..initialization_ramanujan import attention_scaling
-from ..modeling_ramanujan import RamanujanForCausalLM
+from ..modeling_ramanujan import RamanujanForCausalLM, router_biases
 from ..files import read_json_object
 from ..tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
 
@@ -66,8 +67,12 @@ class UnrepresentableError(ValueError):
     """The checkpoint has a feature no in-library Transformers class represents exactly."""
 
 
-def target_config(config: RamanujanConfig) -> LlamaConfig | MixtralConfig | Ernie4_5_MoeConfig:
-    """The Llama / Mixtral / ERNIE 4.5 MoE config of the same shapes; UnrepresentableError names what cannot map."""
+def target_config(
+    config: RamanujanConfig, router_bias: bool = False
+) -> LlamaConfig | MixtralConfig | Ernie4_5_MoeConfig:
+    """The Llama / Mixtral / ERNIE 4.5 MoE config of the same shapes; UnrepresentableError names what cannot map.
+
+    `router_bias`: the routers' balancing biases are nonzero, which Mixtral cannot represent (ERNIE can)."""
     shared = {name: getattr(config, name) for name in SHARED_FIELDS}
     if not config.is_moe:
         return LlamaConfig(**shared, intermediate_size=config.intermediate_size, attention_bias=False, mlp_bias=False)
@@ -76,7 +81,7 @@ def target_config(config: RamanujanConfig) -> LlamaConfig | MixtralConfig | Erni
             "norm_topk_prob=False has no exact in-library equivalent: Mixtral and ERNIE 4.5 MoE always renormalize the "
             "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms"
         )
-    if config.num_shared_experts == 0 and config.first_k_dense_layers == 0:
+    if config.num_shared_experts == 0 and config.first_k_dense_layers == 0 and not router_bias:
         return MixtralConfig(
             **shared,
             intermediate_size=config.moe_intermediate_size,
@@ -121,11 +126,13 @@ def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch
 
     Our names are Llama's already; only the MoE router is Mixtral's and ERNIE's `mlp.gate` (the fused expert weights
     share their layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)). For ERNIE, q and k rows are
-    reordered to its rotary layout and the router's score-correction bias is zero.
+    reordered to its rotary layout and our routers' balancing bias becomes its score-correction bias (Mixtral has
+    none: `target_config` picks it only when the bias is zero).
     """
     config = model.config
     ernie = isinstance(target, Ernie4_5_MoeConfig)
-    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in model.state_dict().items()}
+    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in model.state_dict().items()
+             if not name.endswith(".mlp.e_score_correction_bias")}
     for layer, factor in enumerate(query_factors(config)):
         attention = f"model.layers.{layer}.self_attn."
         state[attention + "q_proj.weight"] = state[attention + "q_proj.weight"] * factor
@@ -133,14 +140,14 @@ def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch
             for name, heads in (("q_proj.weight", config.num_attention_heads), ("k_proj.weight", config.num_key_value_heads)):
                 state[attention + name] = pairs_adjacent(state[attention + name], heads)
             if config.is_moe_layer(layer):
-                bias = torch.zeros(1, config.num_experts, dtype=torch.float32)
+                bias = model.model.layers[layer].mlp.e_score_correction_bias.float().reshape(1, -1)
                 state[f"model.layers.{layer}.mlp.gate.moe_statics.e_score_correction_bias"] = bias
     return state
 
 
 def to_transformers_model(model: RamanujanForCausalLM) -> PreTrainedModel:
     """A LlamaForCausalLM / MixtralForCausalLM / Ernie4_5_MoeForCausalLM holding our weights (same dtype), in eval mode."""
-    config = target_config(model.config)
+    config = target_config(model.config, router_bias=any(bias.any().item() for bias in router_biases(model)))
     target_class = {MixtralConfig: MixtralForCausalLM, Ernie4_5_MoeConfig: Ernie4_5_MoeForCausalLM}.get(
         type(config), LlamaForCausalLM
     )

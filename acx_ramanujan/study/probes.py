@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..modeling_ramanujan import expert_load
+from ..modeling_ramanujan import expert_load, router_biases
 
 
 def byte_token_batch(text_file: Path | None, batch_size: int, seq_len: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -84,4 +84,4 @@ def expert_load_per_layer(model, input_ids: torch.Tensor) -> torch.Tensor:
         raise ValueError("expert load needs a mixture-of-experts model (num_experts > 0)")
     with torch.no_grad():
         outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
-    return expert_load(outputs.router_logits, model.config.num_experts_per_tok)
+    return expert_load(outputs.router_logits, model.config.num_experts_per_tok, router_biases(model))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configuration_ramanujan import RamanujanConfig
-from ..modeling_ramanujan import expert_load
+from ..modeling_ramanujan import expert_load, router_biases
 from .metrics import load_metric
 
 
@@ -38,7 +38,7 @@ def evaluate_model(accelerator, model, dataloader, num_bytes: float, config: Ram
         nll, predicted = accelerator.gather_for_metrics((nll, predicted))
         metric.add_batch(predictions=nll.tolist(), references=predicted.tolist())
         if config.is_moe:
-            load = expert_load(outputs.router_logits, config.num_experts_per_tok)
+            load = expert_load(outputs.router_logits, config.num_experts_per_tok, router_biases(model))
             load_sum = load if load_sum is None else load_sum + load
             load_batches += 1
     model.train()

@@ -10,6 +10,7 @@ FSDP code path after it (`prepare`, `save_state`/`load_state` through torch.dist
 """
 
 import os
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +32,36 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     PartialState().distributed_type = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+
+
+@contextmanager
+def buffers_fsdp2_can_load(model: torch.nn.Module, accelerator: Accelerator):
+    """Around `accelerator.prepare(model, ...)`: let FSDP2's `cpu_ram_efficient_loading` take persistent buffers.
+
+    That loading (Accelerate 1.15, `fsdp2_load_full_state_dict`) rebuilds the sharded model entry by entry from
+    rank 0's state dict and takes every entry for a sharded parameter: a persistent buffer (the MoE routers'
+    balancing bias, `e_score_correction_bias`, as in DeepSeek-V3) fails there with "'Tensor' object has no attribute
+    'device_mesh'". Non-persistent buffers it keeps, each process its own copy. So persistent buffers are marked
+    non-persistent for the `prepare` and persistent again after: every process builds the model the same way, so
+    the copies are equal, and checkpoints keep the buffers as before.
+    """
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if not (plugin is not None and plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading):
+        yield
+        return
+    saved = model.state_dict(keep_vars=True).keys()
+    persistent = []
+    for name, _ in model.named_buffers():
+        if name in saved:
+            owner, _, local = name.rpartition(".")
+            persistent.append((model.get_submodule(owner), local))
+    for module, name in persistent:
+        module.register_buffer(name, getattr(module, name), persistent=False)
+    try:
+        yield
+    finally:
+        for module, name in persistent:  # Accelerate registers a copy: the tensor the module holds now
+            module.register_buffer(name, getattr(module, name), persistent=True)
 
 
 def describe_launch(accelerator: Accelerator) -> str:
