@@ -21,7 +21,7 @@ from huggingface_hub import get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel, get_peft_model_state_dict
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
 from ..cards import hardware_description, write_model_card
@@ -30,7 +30,7 @@ from ..commands import InputError, WorkFailed, run_command
 from .data import load_raw_datasets
 from ..hub import PUSH_ERRORS, hub_error_line, push_to_hub
 from .lora import LoraArguments, apply_lora, save_merged
-from ..modeling_ramanujan import RamanujanSparseMoeBlock, expert_load
+from ..modeling_ramanujan import RamanujanSparseMoeBlock, expert_load, update_router_biases
 from ..files import WEIGHTS, WEIGHTS_INDEX, check_saved_weights, first_line, read_json_object, safetensors_shapes
 
 
@@ -153,12 +153,12 @@ class ExpertLoadMeter:
         self.sums: list[torch.Tensor | None] = [None] * len(blocks)
         self.counts = [0] * len(blocks)
         for index, block in enumerate(blocks):
-            block.router.register_forward_hook(self._recorder(index, block.top_k))
+            block.router.register_forward_hook(self._recorder(index, block))
 
-    def _recorder(self, index: int, top_k: int):
+    def _recorder(self, index: int, block: RamanujanSparseMoeBlock):
         def record(router, inputs, router_logits):
             if router.training:
-                load = expert_load((router_logits.detach(),), top_k)[0]
+                load = expert_load((router_logits.detach(),), block.top_k, (block.e_score_correction_bias,))[0]
                 self.sums[index] = load if self.sums[index] is None else self.sums[index] + load
                 self.counts[index] += 1
 
@@ -173,8 +173,20 @@ class ExpertLoadMeter:
         return {"expert_load_max": loads.max().item(), "expert_load_min": loads.min().item()}
 
 
+class RouterBiasUpdate(TrainerCallback):
+    """After each optimizer step, one auxiliary-loss-free balancing step of the routers' biases
+    (`update_router_biases`; nothing unless `config.router_bias_update_rate` > 0). `on_step_end` runs before the
+    step's checkpoint is saved, so a resumed run starts from the updated biases. Not with LoRA: the biases are
+    buffers of the frozen base model, which the saved adapter would not carry, so they stay as loaded."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and not isinstance(model, PeftModel):
+            update_router_biases(model)
+
+
 class ExpertLoadTrainer(Trainer):
-    """`Trainer` whose training logs also carry `expert_load_max` / `expert_load_min` for MoE models.
+    """`Trainer` whose training logs also carry `expert_load_max` / `expert_load_min` for MoE models, and which
+    updates the routers' balancing biases after every optimizer step (`RouterBiasUpdate`).
 
     `Trainer.log` is the documented override point: a callback's `on_log` runs after the log is recorded.
     The MoE router losses need no code here: `RamanujanForCausalLM` adds them to `loss` whenever labels are
@@ -184,6 +196,7 @@ class ExpertLoadTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.expert_load_meter = ExpertLoadMeter(self.model)
+        self.add_callback(RouterBiasUpdate)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

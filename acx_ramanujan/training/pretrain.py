@@ -46,7 +46,7 @@ from .evaluation import count_predicted_bytes, evaluate_model
 from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
                        stop_requests)
 from .recipe import Muon, RandomWindows, make_optimizers, make_schedulers
-from .sharding import describe_launch, describe_shards, enable_fsdp_on_cpu
+from .sharding import buffers_fsdp2_can_load, describe_launch, describe_shards, enable_fsdp_on_cpu
 from .streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
                         validation_rows)
 
@@ -339,13 +339,15 @@ class Loop:
 
 
 def train(args: argparse.Namespace, run: Run) -> dict:
-    """The loop (nanoGPT's, through Accelerate): forward, backward, clip, step; log, evaluate, checkpoint, stop."""
+    """The loop (nanoGPT's, through Accelerate): forward, backward, clip, step (and the MoE routers' balancing
+    biases, when `router_bias_update_rate` > 0); log, evaluate, checkpoint, stop."""
     accelerator, config, output_dir = run.accelerator, run.config, Path(args.output_dir)
     loop = set_up(args, run)
     model, state = loop.model, loop.state
     metrics_log = MetricsLog(accelerator, output_dir / METRICS_LOG, state.metrics_records if run.resume_path else None)
     tokens_per_step = args.block_size * state.blocks_per_step
     step_loss, step_start = torch.zeros((), device=accelerator.device), time.perf_counter()
+    routed_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # its routers' biases move each step
     with stop_requests(accelerator) as received, progress_bar(args, accelerator, state) as bar:
         for batch in remaining_batches(args, accelerator, loop):
             with accelerator.accumulate(model):
@@ -359,6 +361,7 @@ def train(args: argparse.Namespace, run: Run) -> dict:
             step_loss += loss.detach() / args.gradient_accumulation_steps
             if not accelerator.sync_gradients:
                 continue
+            routed_model.update_router_biases()
             for lr_scheduler in loop.lr_schedulers:
                 lr_scheduler.step()
             seconds, step_start = time.perf_counter() - step_start, time.perf_counter()
@@ -419,7 +422,8 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     if args.streaming:  # each process reads its own part of the stream (TrainStream): not for Accelerate to shard
         train_dataloader = TrainStream(blocks["train"], args.per_device_train_batch_size, args.dataloader_num_workers,
                                        accelerator.process_index, accelerator.num_processes, accelerator.device)
-        model, *optimizers, eval_dataloader = accelerator.prepare(model, *optimizers, eval_dataloader)
+        with buffers_fsdp2_can_load(model, accelerator):
+            model, *optimizers, eval_dataloader = accelerator.prepare(model, *optimizers, eval_dataloader)
         steps_per_epoch = args.max_train_steps  # a stream has no epochs: one "epoch" of all the steps
     else:
         # An epoch is one pass over the packed blocks (each process's loader: ceil(blocks / (batch × processes))
@@ -435,8 +439,9 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
         train_dataloader = DataLoader(train_rows, shuffle=args.sampling == "epochs",
                                       batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator,
                                       generator=torch.Generator().manual_seed(args.seed))
-        model, *optimizers, train_dataloader, eval_dataloader = accelerator.prepare(
-            model, *optimizers, train_dataloader, eval_dataloader)
+        with buffers_fsdp2_can_load(model, accelerator):
+            model, *optimizers, train_dataloader, eval_dataloader = accelerator.prepare(
+                model, *optimizers, train_dataloader, eval_dataloader)
     if accelerator.distributed_type == DistributedType.FSDP:
         # One write per line: two processes share the launcher's stdout, and print() writes the text and the
         # newline apart, so the ranks' lines could interleave.
