@@ -194,7 +194,8 @@ def generation_bounds(shape_name: str, repeats: int, prompt_tokens: int = 16, ne
 
 def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1, prompt_tokens: int = 16,
                               new_tokens: int = 64) -> dict:
-    """Microseconds per generated token with a static cache and the compiled decode step, ours and Llama: the
+    """Microseconds per decode step (one new token per sequence of the batch) with a static cache and the compiled
+    decode step, ours and Llama: the
     timed total (median of `repeats` interleaved runs), and from one profiled run each the parts named in the module
     docstring. Profiling slows what it records, so the parts are read as shares of the profiled run's time."""
     torch.compiler.reset()  # see compiled_generation in speed.py
@@ -205,7 +206,7 @@ def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1
     runs = {label: greedy_generation(model, prompt, new_tokens, **static_compiled_settings())
             for label, model in models.items()}
     timed = interleaved_seconds(runs, repeats)  # its warm-up call compiles
-    result = {"shape": shape_name, "batch": batch_size, "us_per_token": {}, "profiled_share": {}}
+    result = {"shape": shape_name, "batch": batch_size, "us_per_step": {}, "profiled_share": {}}
     for label, run in runs.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
@@ -216,7 +217,7 @@ def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1
         guard = sum(e.self_cpu_time_total for e in events if e.name == GUARD_CHECK) / 1e6
         kernels = sum(e.self_cpu_time_total for e in events
                       if e.name in REQUIRED_KERNELS and inside_compiled_region(e)) / 1e6  # not the prompt's
-        result["us_per_token"][label] = 1e6 * median(timed[label]) / new_tokens
+        result["us_per_step"][label] = 1e6 * median(timed[label]) / new_tokens
         result["profiled_share"][label] = {"outside the compiled call": (profiled_s - region - guard) / profiled_s,
                                            "guard check": guard / profiled_s,
                                            "matmul + attention kernels": kernels / profiled_s,
@@ -226,7 +227,7 @@ def compiled_generation_split(shape_name: str, repeats: int, batch_size: int = 1
 
 def compile_variants(shape_name: str, repeats: int, batch_size: int = 1, prompt_tokens: int = 16,
                      new_tokens: int = 64) -> dict:
-    """Microseconds per token: Llama's default `generate()` against our static-cache compiled generation with the
+    """Microseconds per decode step: Llama's default `generate()` against our static-cache compiled generation with the
     default settings, with `cpp_wrapper`, and each with the guard check skipped; interleaved, medians."""
     torch.compiler.reset()  # see compiled_generation in speed.py
     shape = SHAPES[shape_name]
@@ -244,7 +245,7 @@ def compile_variants(shape_name: str, repeats: int, batch_size: int = 1, prompt_
         runs[label + ", guards skipped"] = skipping_guards(runs[label])
     seconds = interleaved_seconds(runs, repeats)
     return {"shape": shape_name, "batch": batch_size,
-            "us_per_token": {label: 1e6 * median(t) / new_tokens for label, t in seconds.items()}}
+            "us_per_step": {label: 1e6 * median(t) / new_tokens for label, t in seconds.items()}}
 
 
 def skipping_guards(run):
@@ -294,22 +295,22 @@ def generation_table(args) -> None:
 
 def compiled_split_table(args) -> None:
     parts = ("outside the compiled call", "guard check", "matmul + attention kernels", "rest of the compiled graph")
-    print("| shape | batch | model | µs/token, static cache + compiled | " + " | ".join(parts) + " |")
+    print("| shape | batch | model | µs per decode step, static cache + compiled | " + " | ".join(parts) + " |")
     print("|---|---|---|---|" + "---|" * len(parts))
     for shape_name in args.shapes:
         for batch_size in (1, 8):
             g = compiled_generation_split(shape_name, args.repeats, batch_size)
             for label, share in g["profiled_share"].items():
-                print(f"| {shape_name} | {batch_size} | {label} | {g['us_per_token'][label]:.0f} | "
+                print(f"| {shape_name} | {batch_size} | {label} | {g['us_per_step'][label]:.0f} | "
                       + " | ".join(f"{share[part]:.0%}" for part in parts) + " |", flush=True)
 
 
 def compile_variants_table(args) -> None:
-    print("| shape | batch | µs/token (× Llama's default generate()) |")
+    print("| shape | batch | µs per decode step (× Llama's default generate()) |")
     print("|---|---|---|")
     for shape_name in args.shapes:
         for batch_size in (1, 8):
-            v = compile_variants(shape_name, args.repeats, batch_size)["us_per_token"]
+            v = compile_variants(shape_name, args.repeats, batch_size)["us_per_step"]
             print(f"| {shape_name} | {batch_size} | " + "; ".join(
                 f"{label} {us:.0f} ({v['llama eager'] / us:.2f}x)" for label, us in v.items()) + " |", flush=True)
 
