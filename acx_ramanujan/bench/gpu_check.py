@@ -18,13 +18,13 @@ import time
 from statistics import median
 
 import torch
-from transformers import CompileConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ..files import write_json_atomically
 from ..configuration_ramanujan import RamanujanConfig
 from ..export.llama import target_config  # the Llama config of the same shapes
 from ..modeling_ramanujan import RamanujanForCausalLM
-from .speed import counted_flops
+from .speed import counted_flops, static_compiled_settings
 
 
 def tiny_config(moe: bool, attn_implementation: str = "eager", **overrides) -> RamanujanConfig:
@@ -127,25 +127,23 @@ def synchronize(device: str) -> None:
 def static_compiled_generation(device: str, new_tokens: int, repeats: int, kinds=("dense", "moe", "llama")) -> dict:
     """Greedy tokens and tokens/s: dynamic cache (eager) against a static cache with the forward compiled by
     `generate()` itself (its own auto-compile path, `CompileConfig(fullgraph=True)`), ours dense/MoE and Llama."""
-    compile_config = CompileConfig(fullgraph=True)
-    compile_config._compile_all_devices = device != "cuda"  # generate() compiles on accelerators only, unless told
     results = {}
     for kind in kinds:
         try:
-            results[kind] = generation_run(kind, device, new_tokens, repeats, compile_config)
+            results[kind] = generation_run(kind, device, new_tokens, repeats)
         except Exception as error:  # one model's failure must not hide the others' results
             results[kind] = {"error": first_line(error)}
     return results
 
 
-def generation_run(kind: str, device: str, new_tokens: int, repeats: int, compile_config: CompileConfig) -> dict:
+def generation_run(kind: str, device: str, new_tokens: int, repeats: int) -> dict:
     """One model's greedy tokens and tokens/s, both ways."""
     torch.manual_seed(0)
     config = tiny_config(kind == "moe", "sdpa")
     model = (LlamaForCausalLM(target_config(config)) if kind == "llama"
              else RamanujanForCausalLM(config)).to(device).eval()
     prompt = torch.tensor([list(b"To be, or not to be")], device=device)
-    settings = {"dynamic_eager": {}, "static_compiled": {"cache_implementation": "static", "compile_config": compile_config}}
+    settings = {"dynamic_eager": {}, "static_compiled": static_compiled_settings()}
     tokens, speed = {}, {}
     for label, extra in settings.items():
         def run(label=label, extra=extra):
