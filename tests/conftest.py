@@ -29,6 +29,34 @@ def text_corpus(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """3 kB of the same text: about 85 train blocks of 32 bytes (about 22 batches of 4; the text varies a little
+    between Python builds) and 9 validation blocks, for the many short `acx-rt train` runs."""
+    from acx_ramanujan.training.data import default_corpus_text
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(default_corpus_text()[:3000], encoding="utf-8")
+    return path
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so that the next in-process run builds its own Accelerator
+    (mixed precision, process count, FSDP plugin) from scratch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For modules of in-process runs: `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
+
+
 def tiny_config(**overrides):
     """A 2-layer width-32 config: fast enough for every test."""
     from acx_ramanujan import RamanujanConfig

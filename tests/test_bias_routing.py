@@ -3,6 +3,7 @@ moves by ±γ toward even load once per optimizer step, is saved with the weight
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,35 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
-from conftest import REPO_ROOT, tiny_config, tiny_moe_config
+from conftest import REPO_ROOT, reset_accelerate_state, tiny_config, tiny_moe_config
 from safetensors.torch import load_file, save_file
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanConfig, RamanujanForCausalLM, export
 from acx_ramanujan import modeling_ramanujan
 from acx_ramanujan.modeling_ramanujan import RamanujanSparseMoeBlock, expert_load, load_balancing_loss, router_biases
 from acx_ramanujan.training import pretrain
-from acx_ramanujan.training.data import default_corpus_text
 
-MOE = ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
-       "max_position_embeddings=64,moe_intermediate_size=32,num_experts=4,num_experts_per_tok=2")
+from test_pretraining import MOE
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 BIAS_KEY = "model.layers.{}.mlp.e_score_correction_bias"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(default_corpus_text()[:3000], encoding="utf-8")
-    return path
 
 
 def build(seed=0, **overrides) -> RamanujanForCausalLM:
@@ -295,8 +279,7 @@ def test_training_with_the_rate_moves_the_bias_and_evens_the_load(tmp_path, corp
             train_file=[str(corpus)], config_overrides=f"{MOE},router_aux_loss_coef=0,router_bias_update_rate={rate}",
             block_size=32, per_device_train_batch_size=4, learning_rate=3e-3, max_train_steps=120, eval_steps=10,
             output_dir=str(output)))
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         imbalance[rate] = imbalance_of_late_evaluations(output)
         saved = load_file(output / "model.safetensors")
         biases = torch.stack([saved[BIAS_KEY.format(layer)] for layer in range(2)])
@@ -313,14 +296,38 @@ def test_exact_resume_keeps_the_bias(tmp_path, corpus):
               "--block_size", "32", "--per_device_train_batch_size", "4", "--max_train_steps", "8",
               "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4"]
     assert pretrain.main([*common, "--output_dir", str(tmp_path / "full")]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     resume = ["--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-4")]
     assert pretrain.main([*common, *resume, "--output_dir", str(tmp_path / "resumed")]) == 0
     full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed"))
     assert full[BIAS_KEY.format(0)].any()
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def test_a_checkpoint_saved_before_the_bias_resumes_exactly_and_nothing_else_may_be_missing(tmp_path, corpus, capsys):
+    """A run checkpointed by a version without the bias (its weights file lacks it) resumes as if uninterrupted
+    (the bias stays zero: the rate is 0 there); a checkpoint lacking any other weight is still refused in one line."""
+    common = ["--train_file", str(corpus), "--config_overrides", MOE, "--block_size", "32",
+              "--per_device_train_batch_size", "4", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    assert pretrain.main([*common, "--output_dir", str(tmp_path / "full")]) == 0
+    for name, dropped in (("old", "e_score_correction_bias"), ("damaged", "layers.1.mlp.router.weight")):
+        copy = shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / name)
+        kept = {key: value for key, value in load_file(copy / "model.safetensors").items() if dropped not in key}
+        save_file(kept, copy / "model.safetensors", metadata={"format": "pt"})
+    reset_accelerate_state()
+    resume = ["--resume_from_checkpoint", str(tmp_path / "old")]
+    assert pretrain.main([*common, *resume, "--output_dir", str(tmp_path / "resumed")]) == 0
+    full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed"))
+    assert full.keys() == resumed.keys() and BIAS_KEY.format(0) in resumed
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+    reset_accelerate_state()
+    resume = ["--resume_from_checkpoint", str(tmp_path / "damaged")]
+    assert pretrain.main([*common, *resume, "--output_dir", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("damaged: model.safetensors lacks model.layers.1.mlp.router.weight"), error
 
 
 def test_fsdp2_shards_trains_and_resumes_the_bias_exactly(tmp_path, corpus):

@@ -16,20 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate_state
 from safetensors.torch import load_file
 from transformers import modeling_utils
 
 from acx_ramanujan.training import pretrain
 from acx_ramanujan.training.checkpoints import list_checkpoints
-from test_pretraining import REPO_ROOT, corpus, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401 (fixtures)
+from test_pretraining import REPO_ROOT, read_jsonl, train_args
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 PRETRAIN = [sys.executable, str(REPO_ROOT / "training_scripts" / "pretrain.py")]
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -63,7 +59,7 @@ class WritesMarker:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus) -> Path:
     """6 steps, checkpoints at 3 and 6, evaluation at 3 and at the end."""
-    reset_accelerate()
+    reset_accelerate_state()
     out = tmp_path_factory.mktemp("finished") / "run"
     assert pretrain.main(train_args(corpus, out, "--max_train_steps", "6", "--checkpointing_steps", "3",
                                        "--eval_steps", "3")) == 0
@@ -100,7 +96,7 @@ def test_a_finished_run_resumed_trains_no_further(tmp_path, corpus, finished_run
     after = file_digests(out)
     for name in ("checkpoint-6/optimizer.bin", "eval_results.json", "config.json"):
         assert after[name] == before[name], name
-    reset_accelerate()
+    reset_accelerate_state()
     shorter = train_args(corpus, out, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
     assert pretrain.main(shorter) == 2
     assert_one_line_error(capsys.readouterr().err, "is at step 6, past --max_train_steps 5")
@@ -194,7 +190,7 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, corp
             wait_for(lambda: logged_steps(out) >= target and list_checkpoints(out), victim)
             if attempt == 0:
                 victim.send_signal(signal.SIGSTOP)  # paused mid-run, still holding the output dir
-                reset_accelerate()
+                reset_accelerate_state()
                 second = train_args(corpus, out, *steps, "--overwrite_output_dir")
                 assert pretrain.main(second) == 2
                 assert_one_line_error(capsys.readouterr().err, f"--output_dir {out} is in use by another acx-rt train run")
@@ -209,7 +205,7 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, corp
             victim.kill()
             victim.wait()
     assert kills >= 2, "the runs finished before they could be killed"  # 3 here; a much faster machine may skip one
-    reset_accelerate()
+    reset_accelerate_state()
     assert pretrain.main(train_args(corpus, out, *steps, "--resume_from_checkpoint", "latest")) == 0
     assert_same_weights(reference / "model.safetensors", out / "model.safetensors")
     losses = [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]

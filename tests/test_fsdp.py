@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from acx_ramanujan.training import pretrain
 from acx_ramanujan.training.checkpoints import BadCheckpoint, check_checkpoint_files
-from test_pretraining import MOE, TINY, corpus, free_port, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401
+from test_pretraining import MOE, TINY, free_port, read_jsonl, train_args
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = REPO_ROOT / "training_scripts" / "accelerate_configs"
 

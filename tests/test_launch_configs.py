@@ -11,8 +11,9 @@ import yaml
 
 from acx_ramanujan.training import pretrain
 from test_fsdp import CONFIGS, launch
-from test_pretraining import corpus, fresh_accelerate_state, read_jsonl, train_args  # noqa: F401
+from test_pretraining import read_jsonl, train_args
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 README = CONFIGS / "README.md"
 RUN_HERE = {"ddp.yaml": "MULTI_CPU", "fsdp.yaml": "FSDP"}  # config → the distributed type it runs as on CPU
 

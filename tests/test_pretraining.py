@@ -14,39 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate_state
 from safetensors.torch import load_file
 
 from acx_ramanujan import RamanujanConfig
 from acx_ramanujan.training import pretrain
 from acx_ramanujan.training.checkpoints import list_checkpoints
 from acx_ramanujan.cards import hardware_description
-from acx_ramanujan.training.data import default_corpus_text
 from acx_ramanujan.training.metrics import load_metric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2," \
        "max_position_embeddings=64"
 MOE = TINY + ",moe_intermediate_size=32,num_experts=4,num_experts_per_tok=2"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator (mixed precision, process count) from scratch."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """3 kB of Python's help text: about 85 train blocks of 32 bytes (about 22 batches of 4; the text varies a little
-    between Python builds) and 9 validation blocks."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(default_corpus_text()[:3000], encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train_args(corpus: Path, output_dir: Path, *extra: str, overrides: str = TINY) -> list[str]:
@@ -137,6 +118,7 @@ def test_end_to_end_writes_every_output(tmp_path, corpus, overrides, tracking):
 @pytest.mark.parametrize("model, recipe", [
     (TINY, ()),  # the default recipe: packed blocks by epoch, Muon + AdamW, warmup, cosine to a floor
     (MOE, ()),
+    (TINY + ",tie_word_embeddings=true", ()),  # one tensor under two names, saved once
     (TINY, ("--sampling", "windows")),
     (TINY, ("--sampling", "epochs", "--optimizer", "adamw", "--lr_scheduler_type", "cosine")),  # the old recipe
 ])
@@ -148,8 +130,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus, model
     overrides = model + ",attention_dropout=0.1"
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert pretrain.main(train_args(corpus, full, *common, overrides=overrides)) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     resume = ("--resume_from_checkpoint", str(full / "checkpoint-4"))
     assert pretrain.main(train_args(corpus, resumed, *common, *resume, overrides=overrides)) == 0
 
@@ -189,8 +170,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus, capsy
     assert pretrain.main(other_model) == 2  # another model: refused before any data is read, naming the field
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the model config differs (num_hidden_layers: 2 in the checkpoint, 3 now)" in error
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     assert pretrain.main(train_args(corpus, out, *extra)) == 0
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == stopped_at + 2
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, stopped_at + 3))
@@ -246,7 +226,7 @@ def test_torch_compile_trains_and_saves_plain_weight_names(tmp_path, corpus, mon
     """Dynamo's `eager` backend (the launcher's choice via ACCELERATE_DYNAMO_BACKEND): same math, no C++ build."""
     plain, compiled = tmp_path / "plain", tmp_path / "compiled"
     assert pretrain.main(train_args(corpus, plain, "--max_train_steps", "2")) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
     assert pretrain.main(train_args(corpus, compiled, "--max_train_steps", "2", "--torch_compile")) == 0
     plain_weights, compiled_weights = load_file(plain / "model.safetensors"), load_file(compiled / "model.safetensors")

@@ -9,8 +9,9 @@ from acx_ramanujan.training import pretrain
 from acx_ramanujan.bench import scaling
 from acx_ramanujan.configuration_ramanujan import RamanujanConfig
 from acx_ramanujan.bench.speed import counted_flops, train_step
-from test_pretraining import corpus, fresh_accelerate_state, train_args  # noqa: F401
+from test_pretraining import train_args
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 BASE = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, first_k_dense_layers=1)

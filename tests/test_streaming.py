@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reset_accelerate_state
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
@@ -17,8 +18,9 @@ from acx_ramanujan.training.data import default_corpus_text
 from acx_ramanujan.tokenization_ramanujan import RamanujanByteTokenizer
 from acx_ramanujan.training.streaming import TrainStream, open_stream, stream_blocks
 from test_fsdp import launch
-from test_pretraining import TINY, fresh_accelerate_state, read_jsonl  # noqa: F401
+from test_pretraining import TINY, read_jsonl
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 BLOCK = 32
 SHARD_ROWS = (5, 7, 3, 6)  # unequal shards
 
@@ -147,19 +149,12 @@ def test_a_checkpoint_resumes_only_the_way_it_was_saved(tmp_path, text_shards, c
     streamed = tmp_path / "streamed"
     assert pretrain.main(streaming_args(shards, validation, streamed, "--max_train_steps", "2",
                                            "--checkpointing_steps", "2")) == 0
-    fresh_accelerate_state_reset()
+    reset_accelerate_state()
     plain = ["--train_file", shards[0], "--validation_file", str(validation), "--config_overrides", TINY,
              "--block_size", str(BLOCK), "--per_device_train_batch_size", "2", "--max_train_steps", "2",
              "--output_dir", str(tmp_path / "plain"), "--resume_from_checkpoint", str(streamed / "checkpoint-2")]
     assert pretrain.main(plain) == 2
     assert "was saved by a run with --streaming; resume it the same way" in capsys.readouterr().err
-
-
-def fresh_accelerate_state_reset():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_large_data_is_tokenized_by_several_processes_by_default(monkeypatch, capfd):

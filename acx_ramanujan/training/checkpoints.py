@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import SAFE_MODEL_NAME, DistributedType
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -205,15 +205,39 @@ def check_dcp_folder(folder: Path) -> None:
                          f"({first_line(error)})") from None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainingState:
+def load_checkpoint(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> TrainingState:
     """Model, optimizer, scheduler and RNG states into the prepared objects; returns the training state."""
     check_checkpoint_files(path, accelerator.distributed_type)
     state = TrainingState.from_json_file(path / TRAINING_STATE_NAME)
+    strict = check_checkpoint_weights(accelerator, model, path)
     try:
-        accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        accelerator.load_state(str(path), load_kwargs={"weights_only": True}, strict=strict)
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as error:
         raise BadCheckpoint(f"--resume_from_checkpoint {path}: could not be loaded ({first_line(error)})") from None
     return state
+
+
+def check_checkpoint_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> bool:
+    """Refuse a weights file whose names differ from the prepared model's, naming them (torch's strict load would
+    only say "Error(s) in loading state_dict"). It may lack only what the model says older files may lack (its
+    `_keys_to_ignore_on_load_missing`, the rule `from_pretrained` applies: the MoE routing bias, zero until trained,
+    that checkpoints saved before it existed do not hold); those keep their initial value. Returns whether the load
+    can be strict. Only the plain layout is read here; FSDP's sharded load is checked by torch.distributed.checkpoint."""
+    weights = path / f"{SAFE_MODEL_NAME}.safetensors"  # Accelerate's name for the first (our only) model
+    if accelerator.distributed_type in (DistributedType.FSDP, *UNCHECKED_ENGINES) or not weights.is_file():
+        return True
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # what Accelerate saves and loads
+    saved, state = safetensors_shapes([weights]).keys(), unwrapped.state_dict()
+    # safetensors writes tensors that share storage (tied embeddings) once, under one of their names.
+    saved_storages = {state[key].untyped_storage().data_ptr() for key in saved & state.keys()}
+    absent = [key for key in state.keys() - saved if state[key].untyped_storage().data_ptr() not in saved_storages]
+    allowed = getattr(unwrapped, "_keys_to_ignore_on_load_missing", None) or []
+    older = {key for key in absent if any(re.search(pattern, key) for pattern in allowed)}
+    for problem, keys in (("lacks", sorted(set(absent) - older)), ("has unknown weights", sorted(saved - state.keys()))):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise BadCheckpoint(f"--resume_from_checkpoint {path}: {weights.name} {problem} {shown}")
+    return not older
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingState, save_total_limit: int | None,

@@ -450,7 +450,7 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     lr_schedulers = [accelerator.prepare(scheduler) for scheduler in make_schedulers(args, optimizers)]
     state = TrainingState(blocks_per_step=blocks_per_step)
     if run.resume_path is not None:
-        state = resumed_state(args, accelerator, run.resume_path, blocks_per_step)
+        state = resumed_state(args, accelerator, model, run.resume_path, blocks_per_step)
         position = resumed_position(state, args.streaming, accelerator.process_index, accelerator.num_processes,
                                     run.resume_path)
         if position is not None:
@@ -468,9 +468,9 @@ def set_up(args: argparse.Namespace, run: Run) -> Loop:
     return Loop(model, optimizers, lr_schedulers, train_dataloader, eval_dataloader, eval_bytes, steps_per_epoch, state)
 
 
-def resumed_state(args, accelerator: Accelerator, resume_path: Path, blocks_per_step: int) -> TrainingState:
+def resumed_state(args, accelerator: Accelerator, model, resume_path: Path, blocks_per_step: int) -> TrainingState:
     """Load the checkpoint (weights, optimizer, schedule, RNG) and its progress; refuse one this run cannot continue."""
-    state = load_checkpoint(accelerator, resume_path)
+    state = load_checkpoint(accelerator, model, resume_path)
     if state.blocks_per_step != blocks_per_step:
         raise BadCheckpoint(f"{resume_path} was trained with {state.blocks_per_step} blocks per step, this run "
                             f"takes {blocks_per_step} (per-device batch × accumulation × processes); resume with "
