@@ -8,8 +8,9 @@ achieved FLOP/s of the training step as a fraction of this machine's measured ma
 Generation both ways Transformers offers, for ours and Llama at batch 1 and 8: its default `generate()` (eager
 forward, dynamic cache) and a static cache with the decode step compiled by `generate()` itself; tokens/s, the
 first call's seconds (which include compiling), whether the tokens are identical, and FLOP/s against the peaks.
-Optional extras: bf16 autocast and `torch.compile` against fp32 eager, and two scaling curves (training step time
-against context length on the sdpa path, and against the number of experts at top-2), plotted as PNG.
+The dense training step of ours and Llama in fp32 and under bf16 autocast, eager and compiled, with FLOP/s against
+the peaks. Optional: two scaling curves (training step time against context length on the sdpa path, and against
+the number of experts at top-2), plotted as PNG.
 """
 
 import argparse
@@ -239,23 +240,40 @@ def compiled_generation(name: str, shape: dict, batch_size: int, args, peaks: di
                                  for label, tps in tokens_per_s.items()}}
 
 
-def precision_and_compile(name: str, shape: dict, args) -> dict:
-    """Our dense training step: fp32 eager against bf16 autocast and against torch.compile (fp32)."""
+PRECISIONS = {"fp32": None, "bf16 autocast": torch.bfloat16}
+
+
+def precision_and_compile(name: str, shape: dict, args, peaks: dict[str, float]) -> dict:
+    """The dense training step of ours and Llama in each precision (fp32; bf16 autocast, `acx-rt train`'s default
+    where bf16 is native) and, with --compile, under `torch.compile` too. Interleaved, medians; each setting's tokens/s
+    against Llama's fp32 eager step and against Llama's under the same setting, and ours as FLOP/s against the peaks."""
+    torch.compiler.reset()  # as in compiled_generation: a fresh recompile budget for this comparison
     torch.manual_seed(0)
-    config = model_configs(shape)["ours"]
     batch = torch.randint(0, VOCAB_SIZE, (shape["batch"], shape["context"]))
-    eager, autocast, compiled = build(config), build(config), build(config)
-    runs = {"fp32_eager": train_step(eager, batch), "bf16_autocast": train_step(autocast, batch, torch.bfloat16)}
-    if args.compile:
-        runs["fp32_compiled"] = train_step(torch.compile(compiled), batch)
-        start = time.perf_counter()
-        runs["fp32_compiled"]()
-        compile_seconds = time.perf_counter() - start
+    runs, compile_seconds = {}, {}
+    for label, config in model_configs(shape).items():
+        for precision, dtype in PRECISIONS.items():
+            for compiled in (False, True) if args.compile else (False,):
+                setting = f"{precision} {'compiled' if compiled else 'eager'}"
+                model = build(config)
+                runs[label, setting] = train_step(torch.compile(model) if compiled else model, batch, dtype)
+                if compiled:  # the first call compiles; timed here and left out of the medians
+                    start = time.perf_counter()
+                    runs[label, setting]()
+                    compile_seconds[f"{label} {setting}"] = time.perf_counter() - start
     times = interleaved_seconds(runs, args.repeats)
-    result = {"shape": name, "train_step_ms": {label: 1e3 * median(t) for label, t in times.items()}}
-    if args.compile:
-        result["compile_seconds"] = compile_seconds
-    return result
+    tokens_per_s = {key: batch.numel() / median(t) for key, t in times.items()}
+    settings = list(dict.fromkeys(setting for _, setting in runs))
+    baseline = tokens_per_s["llama", "fp32 eager"]
+    flops_per_token = counted_flops(train_step(build(model_configs(shape)["ours"]), batch)) / batch.numel()
+    return {"shape": name, "settings": settings, "compile_seconds": compile_seconds,
+            "train_tokens_per_s": {label: {setting: tokens_per_s[label, setting] for setting in settings}
+                                   for label in ("ours", "llama")},
+            "ours_vs_llama_fp32_eager": {setting: tokens_per_s["ours", setting] / baseline for setting in settings},
+            "ours_vs_llama_same_setting": {setting: tokens_per_s["ours", setting] / tokens_per_s["llama", setting]
+                                           for setting in settings},
+            "ours_fraction_of_peak": {setting: {dtype: flops_per_token * tokens_per_s["ours", setting] / peak
+                                                for dtype, peak in peaks.items()} for setting in settings}}
 
 
 def context_scaling(args) -> dict:
@@ -332,8 +350,10 @@ def of_peaks(fraction: dict[str, float], peak_gflops: dict[str, float]) -> str:
 def markdown(results: dict) -> str:
     """The comparison tables of docs/benchmarks.md."""
     peaks = results["peak_gflops"]
-    lines = ["| shape | peer | train tok/s (ours / theirs = ratio) | prefill tok/s | generate tok/s | peak MiB (ours / theirs) "
-             "| train FLOP/s vs fp32 peak (ours / theirs) |", "|---|---|---|---|---|---|---|"]
+    lines = []
+    if results["comparisons"]:
+        lines += ["| shape | peer | train tok/s (ours / theirs = ratio) | prefill tok/s | generate tok/s | peak MiB (ours / "
+                  "theirs) | train FLOP/s vs fp32 peak (ours / theirs) |", "|---|---|---|---|---|---|---|"]
     for row in results["comparisons"]:
         ours, peer = "ours", next(label for label in row["train_tokens_per_s"] if label != "ours")
 
@@ -361,12 +381,18 @@ def markdown(results: dict) -> str:
                      f"{of_peaks(fraction, peaks)} ({row['train_gflop_per_step']:.1f} GFLOP per step); prefill "
                      f"{of_peaks(inference['prefill'], peaks)}; eager generation (batch 1) "
                      f"{of_peaks(inference['generate'], peaks)}.")
+    if results.get("precision_and_compile"):
+        lines += ["", "| shape | dense training step | tok/s ours / Llama | ours / Llama fp32 eager | ours / Llama, same "
+                  "setting | compiling s (ours / Llama) | ours, FLOP/s |", "|---|---|---|---|---|---|---|"]
     for row in results.get("precision_and_compile", []):
-        times = row["train_step_ms"]
-        extras = ", ".join(f"{label} {ms:.0f} ms ({times['fp32_eager'] / ms:.2f}x)" for label, ms in times.items()
-                           if label != "fp32_eager")
-        compile_note = f"; compiling took {row['compile_seconds']:.0f} s" if "compile_seconds" in row else ""
-        lines.append(f"- {row['shape']} dense, our training step: fp32 eager {times['fp32_eager']:.0f} ms, {extras}{compile_note}.")
+        speed, compiling = row["train_tokens_per_s"], row["compile_seconds"]
+        for setting in row["settings"]:
+            first = (f"{compiling['ours ' + setting]:.0f} / {compiling['llama ' + setting]:.0f}"
+                     if "ours " + setting in compiling else "")
+            lines.append(f"| {row['shape']} | {setting} | {speed['ours'][setting]:.0f} / {speed['llama'][setting]:.0f} "
+                         f"| **{row['ours_vs_llama_fp32_eager'][setting]:.2f}x** "
+                         f"| {row['ours_vs_llama_same_setting'][setting]:.2f}x | {first} "
+                         f"| {of_peaks(row['ours_fraction_of_peak'][setting], peaks)} |")
     if results["compiled_generation"]:
         lines += ["", "| shape | batch | generate tok/s: ours eager / ours static compiled / Llama eager / Llama static "
                   "compiled | ours compiled / Llama eager | ours compiled / Llama compiled | first call s (ours / Llama, "
@@ -385,16 +411,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = {"models": "ours against the peer, dense and MoE (training, prefill, generation, memory)",
+         "precision": "the dense training step in fp32 and bf16 autocast, eager and compiled",
+         "generation": "static cache + compiled decode step against the default generate() (needs --compile)"}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="acx-rt bench-speed", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
+                        help="which comparisons to run: " + "; ".join(f"{name}: {what}" for name, what in PARTS.items()))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every model")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed runs per figure (medians reported)")
     parser.add_argument("--prompt_tokens", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens generated per run (batch 1)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time torch.compile: our training step, and generation with a static cache and "
-                             "a compiled decode step, ours and Llama (slow to compile on a small CPU)")
+                        help="also time torch.compile, ours and Llama: the training step, and generation with a "
+                             "static cache and a compiled decode step (slow to compile on a small CPU)")
     parser.add_argument("--generation_batches", type=int, nargs="+", default=[1, 8],
                         help="batch sizes of the static-cache compiled generation comparison")
     parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
@@ -424,12 +457,14 @@ def main(argv: list[str]) -> int:
                "load_average_at_start": os.getloadavg(), "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
                "argv": argv, "comparisons": [], "precision_and_compile": [], "compiled_generation": []}
     for name in args.shapes:
-        for num_experts in (0, NUM_EXPERTS):
-            print(f"[bench-speed] {name} {'MoE' if num_experts else 'dense'} ...", file=sys.stderr, flush=True)
-            results["comparisons"].append(compare_shape(name, SHAPES[name], num_experts, args, peaks))
-        print(f"[bench-speed] {name} bf16 / compile ...", file=sys.stderr, flush=True)
-        results["precision_and_compile"].append(precision_and_compile(name, SHAPES[name], args))
-        if args.compile:
+        if "models" in args.parts:
+            for num_experts in (0, NUM_EXPERTS):
+                print(f"[bench-speed] {name} {'MoE' if num_experts else 'dense'} ...", file=sys.stderr, flush=True)
+                results["comparisons"].append(compare_shape(name, SHAPES[name], num_experts, args, peaks))
+        if "precision" in args.parts:
+            print(f"[bench-speed] {name} fp32 / bf16, eager / compiled ...", file=sys.stderr, flush=True)
+            results["precision_and_compile"].append(precision_and_compile(name, SHAPES[name], args, peaks))
+        if "generation" in args.parts and args.compile:
             for batch_size in args.generation_batches:
                 print(f"[bench-speed] {name} generation, batch {batch_size}, static cache + compile ...",
                       file=sys.stderr, flush=True)
