@@ -59,7 +59,8 @@ def test_compiled_generation_compares_both_paths_with_identical_tokens():
     assert all(0 < value < float("inf") for value in fractions)
 
 
-def test_training_precisions_are_timed_for_both_models_against_llama_fp32_eager():
+@pytest.mark.parametrize("num_experts", [0, NUM_EXPERTS])
+def test_training_precisions_are_timed_for_both_models_against_the_peer_in_fp32_eager(num_experts):
     """`bench-speed`'s precision table at a tiny shape (compile off: inductor is slow here): both models in fp32 and
     under bf16 autocast, ratios that follow from the timed tokens/s, FLOP/s fractions from counted FLOPs."""
     from types import SimpleNamespace
@@ -67,14 +68,16 @@ def test_training_precisions_are_timed_for_both_models_against_llama_fp32_eager(
     from acx_ramanujan.bench.speed import markdown, precision_and_compile
 
     shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, context=16, batch=2)
-    row = precision_and_compile("tiny", shape, SimpleNamespace(compile=False, repeats=1), {"fp32": 1e9, "bf16": 2e9})
+    args = SimpleNamespace(compile=False, repeats=1)
+    row = precision_and_compile("tiny", shape, num_experts, args, {"fp32": 1e9, "bf16": 2e9})
+    assert row["peer"] == ("qwen3_moe" if num_experts else "llama")
     assert row["settings"] == ["fp32 eager", "bf16 autocast eager"] and row["compile_seconds"] == {}
     speed = row["train_tokens_per_s"]
     for setting in row["settings"]:
-        assert row["ours_vs_llama_fp32_eager"][setting] == pytest.approx(speed["ours"][setting] / speed["llama"]["fp32 eager"])
-        assert row["ours_vs_llama_same_setting"][setting] == pytest.approx(speed["ours"][setting] / speed["llama"][setting])
+        assert row["ours_vs_peer_fp32_eager"][setting] == pytest.approx(speed["ours"][setting] / speed[row["peer"]]["fp32 eager"])
+        assert row["ours_vs_peer_same_setting"][setting] == pytest.approx(speed["ours"][setting] / speed[row["peer"]][setting])
         fraction = row["ours_fraction_of_peak"][setting]
         assert 0 < fraction["bf16"] < fraction["fp32"] < float("inf")  # the same FLOP/s against twice the peak
     table = markdown({"peak_gflops": {"fp32": 1.0, "bf16": 2.0}, "comparisons": [], "compiled_generation": [],
                       "precision_and_compile": [row]})
-    assert table.count("| tiny | ") == 2 and "bf16 autocast eager" in table
+    assert table.count("| tiny") == 2 and "bf16 autocast eager" in table

@@ -8,7 +8,7 @@ achieved FLOP/s of the training step as a fraction of this machine's measured ma
 Generation both ways Transformers offers, for ours and Llama at batch 1 and 8: its default `generate()` (eager
 forward, dynamic cache) and a static cache with the decode step compiled by `generate()` itself; tokens/s, the
 first call's seconds (which include compiling), whether the tokens are identical, and FLOP/s against the peaks.
-The dense training step of ours and Llama in fp32 and under bf16 autocast, eager and compiled, with FLOP/s against
+The training step of ours and the peer in fp32 and under bf16 autocast, eager and compiled, with FLOP/s against
 the peaks. Optional: two scaling curves (training step time against context length on the sdpa path, and against
 the number of experts at top-2), plotted as PNG.
 """
@@ -243,15 +243,18 @@ def compiled_generation(name: str, shape: dict, batch_size: int, args, peaks: di
 PRECISIONS = {"fp32": None, "bf16 autocast": torch.bfloat16}
 
 
-def precision_and_compile(name: str, shape: dict, args, peaks: dict[str, float]) -> dict:
-    """The dense training step of ours and Llama in each precision (fp32; bf16 autocast, `acx-rt train`'s default
-    where bf16 is native) and, with --compile, under `torch.compile` too. Interleaved, medians; each setting's tokens/s
-    against Llama's fp32 eager step and against Llama's under the same setting, and ours as FLOP/s against the peaks."""
+def precision_and_compile(name: str, shape: dict, num_experts: int, args, peaks: dict[str, float]) -> dict:
+    """The training step of ours and the peer (Llama; Qwen3-MoE with experts) in each precision (fp32; bf16 autocast,
+    `acx-rt train`'s default where bf16 is native) and, with --compile, under `torch.compile` too. Interleaved,
+    medians; each setting's tokens/s against the peer's fp32 eager step and against the peer's under the same
+    setting, and ours as FLOP/s against the peaks."""
     torch.compiler.reset()  # as in compiled_generation: a fresh recompile budget for this comparison
     torch.manual_seed(0)
+    configs = model_configs(shape, num_experts)
+    peer = next(label for label in configs if label != "ours")
     batch = torch.randint(0, VOCAB_SIZE, (shape["batch"], shape["context"]))
     runs, compile_seconds = {}, {}
-    for label, config in model_configs(shape).items():
+    for label, config in configs.items():
         for precision, dtype in PRECISIONS.items():
             for compiled in (False, True) if args.compile else (False,):
                 setting = f"{precision} {'compiled' if compiled else 'eager'}"
@@ -264,14 +267,15 @@ def precision_and_compile(name: str, shape: dict, args, peaks: dict[str, float])
     times = interleaved_seconds(runs, args.repeats)
     tokens_per_s = {key: batch.numel() / median(t) for key, t in times.items()}
     settings = list(dict.fromkeys(setting for _, setting in runs))
-    baseline = tokens_per_s["llama", "fp32 eager"]
-    flops_per_token = counted_flops(train_step(build(model_configs(shape)["ours"]), batch)) / batch.numel()
-    return {"shape": name, "settings": settings, "compile_seconds": compile_seconds,
+    baseline = tokens_per_s[peer, "fp32 eager"]
+    flops_per_token = counted_flops(train_step(build(configs["ours"]), batch)) / batch.numel()
+    return {"shape": name, "num_experts": num_experts, "peer": peer, "settings": settings,
+            "compile_seconds": compile_seconds,
             "train_tokens_per_s": {label: {setting: tokens_per_s[label, setting] for setting in settings}
-                                   for label in ("ours", "llama")},
-            "ours_vs_llama_fp32_eager": {setting: tokens_per_s["ours", setting] / baseline for setting in settings},
-            "ours_vs_llama_same_setting": {setting: tokens_per_s["ours", setting] / tokens_per_s["llama", setting]
-                                           for setting in settings},
+                                   for label in configs},
+            "ours_vs_peer_fp32_eager": {setting: tokens_per_s["ours", setting] / baseline for setting in settings},
+            "ours_vs_peer_same_setting": {setting: tokens_per_s["ours", setting] / tokens_per_s[peer, setting]
+                                          for setting in settings},
             "ours_fraction_of_peak": {setting: {dtype: flops_per_token * tokens_per_s["ours", setting] / peak
                                                 for dtype, peak in peaks.items()} for setting in settings}}
 
@@ -382,16 +386,17 @@ def markdown(results: dict) -> str:
                      f"{of_peaks(inference['prefill'], peaks)}; eager generation (batch 1) "
                      f"{of_peaks(inference['generate'], peaks)}.")
     if results.get("precision_and_compile"):
-        lines += ["", "| shape | dense training step | tok/s ours / Llama | ours / Llama fp32 eager | ours / Llama, same "
-                  "setting | compiling s (ours / Llama) | ours, FLOP/s |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| shape | peer | training step | tok/s ours / peer | ours / peer fp32 eager | ours / peer, same "
+                  "setting | compiling s (ours / peer) | ours, FLOP/s |", "|---|---|---|---|---|---|---|---|"]
     for row in results.get("precision_and_compile", []):
-        speed, compiling = row["train_tokens_per_s"], row["compile_seconds"]
+        speed, compiling, peer = row["train_tokens_per_s"], row["compile_seconds"], row["peer"]
         for setting in row["settings"]:
-            first = (f"{compiling['ours ' + setting]:.0f} / {compiling['llama ' + setting]:.0f}"
+            first = (f"{compiling['ours ' + setting]:.0f} / {compiling[peer + ' ' + setting]:.0f}"
                      if "ours " + setting in compiling else "")
-            lines.append(f"| {row['shape']} | {setting} | {speed['ours'][setting]:.0f} / {speed['llama'][setting]:.0f} "
-                         f"| **{row['ours_vs_llama_fp32_eager'][setting]:.2f}x** "
-                         f"| {row['ours_vs_llama_same_setting'][setting]:.2f}x | {first} "
+            lines.append(f"| {row['shape']}{' MoE' if row['num_experts'] else ''} | {peer} | {setting} "
+                         f"| {speed['ours'][setting]:.0f} / {speed[peer][setting]:.0f} "
+                         f"| **{row['ours_vs_peer_fp32_eager'][setting]:.2f}x** "
+                         f"| {row['ours_vs_peer_same_setting'][setting]:.2f}x | {first} "
                          f"| {of_peaks(row['ours_fraction_of_peak'][setting], peaks)} |")
     if results["compiled_generation"]:
         lines += ["", "| shape | batch | generate tok/s: ours eager / ours static compiled / Llama eager / Llama static "
@@ -412,7 +417,7 @@ def markdown(results: dict) -> str:
 
 
 PARTS = {"models": "ours against the peer, dense and MoE (training, prefill, generation, memory)",
-         "precision": "the dense training step in fp32 and bf16 autocast, eager and compiled",
+         "precision": "the training step in fp32 and bf16 autocast, eager and compiled, dense and MoE",
          "generation": "static cache + compiled decode step against the default generate() (needs --compile)"}
 
 
@@ -462,8 +467,10 @@ def main(argv: list[str]) -> int:
                 print(f"[bench-speed] {name} {'MoE' if num_experts else 'dense'} ...", file=sys.stderr, flush=True)
                 results["comparisons"].append(compare_shape(name, SHAPES[name], num_experts, args, peaks))
         if "precision" in args.parts:
-            print(f"[bench-speed] {name} fp32 / bf16, eager / compiled ...", file=sys.stderr, flush=True)
-            results["precision_and_compile"].append(precision_and_compile(name, SHAPES[name], args, peaks))
+            for num_experts in (0, NUM_EXPERTS):
+                print(f"[bench-speed] {name} {'MoE' if num_experts else 'dense'} fp32 / bf16, eager / compiled ...",
+                      file=sys.stderr, flush=True)
+                results["precision_and_compile"].append(precision_and_compile(name, SHAPES[name], num_experts, args, peaks))
         if "generation" in args.parts and args.compile:
             for batch_size in args.generation_batches:
                 print(f"[bench-speed] {name} generation, batch {batch_size}, static cache + compile ...",
