@@ -260,10 +260,14 @@ class RamanujanExperts(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of_assignment = order // top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        # Under autocast, the routed tokens and the weights are cast once here rather than by autocast in every
+        # expert's F.linear: the same values, but per-expert casts made a bf16 step slower than fp32 at small widths.
+        device_type = hidden_states.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_states.dtype
         # index_select, not `hidden_states[index]`: its backward is an index_add, cheaper on CPU than index_put.
-        routed = hidden_states.index_select(0, token_of_assignment)
+        routed = hidden_states.index_select(0, token_of_assignment).to(dtype)
         # unbind, not `weight[expert]`: each indexing's backward would write a full-size zero gradient (cost ∝ E²).
-        per_expert = zip(routed.split(counts), self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+        per_expert = zip(routed.split(counts), self.gate_up_proj.to(dtype).unbind(0), self.down_proj.to(dtype).unbind(0))
         outputs = []
         for tokens, gate_up_proj, down_proj in per_expert:
             if tokens.shape[0] == 0:

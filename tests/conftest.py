@@ -11,6 +11,9 @@ _HF_HOME = tempfile.mkdtemp(prefix="acx-hf-home-")
 os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `acx-rt train` picks bf16 autocast where bf16 is native, unless the launcher says otherwise (recipe.mixed_precision):
+# the suite says fp32, so that its numbers are the same on every machine; tests of the bf16 default unset it.
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
 
 import torch  # noqa: E402
 

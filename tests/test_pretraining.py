@@ -212,11 +212,16 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     assert two_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-5)
 
 
-def test_bf16_autocast_on_cpu_trains(tmp_path, corpus, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+def test_bf16_autocast_on_cpu_trains_by_default_where_native_and_says_so(tmp_path, corpus, monkeypatch, capsys):
+    """Run outside any launcher on a CPU that reports native bf16: bf16 autocast, printed and recorded (training
+    arguments and model card); the weights stay fp32."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # conftest pins the suite to fp32 through it
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     out = tmp_path / "run"
     assert pretrain.main(train_args(corpus, out, "--max_train_steps", "3")) == 0
+    assert "mixed precision bf16" in capsys.readouterr().out.splitlines()[0]
     assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    assert "| `mixed_precision` | `bf16` |" in (out / "README.md").read_text()
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.float32  # master weights stay fp32
