@@ -233,6 +233,15 @@ def test_compare_init_trains_every_run_and_summarizes_from_the_run_files(tmp_pat
     assert (out / "runs" / "1L-normal-seed0" / "all_results.json").stat().st_mtime_ns == stamp
 
 
+def test_compare_init_trains_the_studys_fp32_recipe_on_any_hardware(tmp_path, monkeypatch):
+    """Not acx-rt train's newer defaults (Muon; bf16 autocast where native): the recipe docs/init-study.md measured."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # conftest's fp32 pin, off: as on a user's machine
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert compare_init.main(compare_argv(tmp_path, "--schemes", "normal", "--seeds", "1")) == 0
+    recorded = json.loads((tmp_path / "bench" / "runs" / "1L-normal-seed0" / "training_args.json").read_text())
+    assert (recorded["mixed_precision"], recorded["optimizer"], recorded["sampling"]) == ("no", "adamw", "epochs")
+
+
 def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverged(tmp_path):
     for name, final in (("nan", float("nan")), ("worse", 6.0), ("better", 4.0)):
         run = tmp_path / name

@@ -165,8 +165,10 @@ def run_arguments(args: argparse.Namespace, layers: int, variant_overrides: str,
         output_dir=str(run_dir),
         overwrite_output_dir=True,
         train_file=None if args.train_file is None else [str(args.train_file)],
-        # The recipe docs/init-study.md measured (AdamW, fixed blocks, cosine to 0), not acx-rt train's newer default.
+        # The recipe docs/init-study.md measured (AdamW, fixed blocks, cosine to 0, fp32), not acx-rt train's newer
+        # default (which also trains in bf16 where bf16 is native).
         optimizer="adamw", sampling="epochs", adam_beta2=0.999, lr_scheduler_type="cosine", num_warmup_steps=0,
+        mixed_precision="no",
     )
 
 
