@@ -199,3 +199,59 @@ def test_static_cache_fullgraph_compiled_generation_equals_dynamic_eager(kind):
     model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
     compiled_static = model.generate(prompt, cache_implementation="static", **settings)
     assert torch.equal(compiled_static, dynamic_eager)
+
+
+def left_padded_prompt():
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(prompt)
+    prompt[1, :2], mask[1, :2] = 256, 0  # row 1: two pad tokens on the left
+    return prompt, mask
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_the_padded_2d_decode_mask_gives_the_logits_of_transformers_4d_mask(kind):
+    """With a static cache `generate()` asks the model for each decode step's mask: ours is the 2-D mask padded to
+    the cache's length (its 4-D form is then built inside the forward), Transformers' default the 4-D mask built on
+    the host. Same logits for a left-padded batch."""
+    from transformers import StaticCache
+    from transformers.masking_utils import create_masks_for_generate
+
+    from acx_ramanujan.modeling_ramanujan import CACHE_NAME
+
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM((tiny_moe_config if kind == "moe" else tiny_config)()).eval()
+    prompt, mask = left_padded_prompt()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(prompt, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE_NAME: cache})
+        token, step_mask = torch.tensor([[5], [7]]), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        step = dict(inputs_embeds=torch.empty(2, 1, 0), attention_mask=step_mask, **{CACHE_NAME: cache},
+                    position_ids=positions[:, -1:] + 1)
+        ours = model.create_masks_for_generate(model.config, **step)
+        theirs = create_masks_for_generate(model.config, **step)
+        assert ours.shape == (2, 16) and torch.equal(ours[:, :7], step_mask) and not ours[:, 7:].any()
+        assert theirs.ndim == 4
+        # Writing the same token's keys twice at the same cache slot leaves the cache as it was: both runs see it.
+        logits = [model(token, attention_mask=m, position_ids=step["position_ids"], **{CACHE_NAME: cache}).logits
+                  for m in (ours, theirs)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_static_cache_decode_steps_take_one_mask_shape_and_respect_left_padding(kind):
+    """Compiled once for the prompt and once for all decode steps (the padded 2-D mask keeps one shape; a mask
+    growing by one column per step would recompile), and a left-padded row gets the tokens it gets alone."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM((tiny_moe_config if kind == "moe" else tiny_config)()).eval()
+    prompt, mask = left_padded_prompt()
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=256)
+    alone = model.generate(prompt[1:, 2:], **settings)[:, 4:]  # row 1 without its padding, dynamic cache, eager
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compiler.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend=counter)
+    compiled_static = model.generate(prompt, attention_mask=mask, cache_implementation="static", **settings)
+    assert counter.frame_count == 2  # the prompt's shape, then one decode shape for all 5 decode steps
+    assert torch.equal(compiled_static[1:, 6:], alone)
