@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
-from transformers.masking_utils import create_causal_mask, create_masks_for_generate
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
@@ -556,11 +556,9 @@ def check_inputs(
     if batch == 0 or length == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one sequence of one token")
     if attention_mask is not None and attention_mask.ndim == 2:  # a 4-D mask is taken as prepared by the caller
-        # A static cache reports its length as a tensor (comparing it would read it back; `generate()` passes our
-        # decode steps the mask padded to the cache's fixed length): only the batch is checked there.
-        static = cache is not None and cache.is_compileable
-        cached = cache.get_seq_length() if cache is not None and not static else 0
-        expected = (batch, attention_mask.shape[1]) if static else (batch, cached + length)
+        cached = cache.get_seq_length() if cache is not None else 0
+        # A static cache reports its length as a tensor: comparing it would read it back, so only its batch is checked.
+        expected = (batch, cached + length) if isinstance(cached, int) else (batch, attention_mask.shape[1])
         if tuple(attention_mask.shape) != expected:
             after_cache = f" after {cached} cached tokens" if cached else ""
             raise ValueError(
@@ -819,19 +817,6 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
-
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
-        """The mask `generate()` passes to each decode step with a static (compileable) cache: the hook Transformers
-        lets a model override. Its default builds the 4-D mask on the host every step, outside the compiled forward
-        (about 94 µs per step at the nanoGPT shape, one thread; docs/benchmarks.md); here the 2-D mask is only padded
-        to the cache's fixed length, so the compiled forward keeps one input shape and `create_causal_mask` builds the
-        same 4-D mask inside the graph. Other masks (none, already 4-D) go to Transformers' function."""
-        cache = kwargs.get(CACHE_NAME)
-        if attention_mask is None or attention_mask.ndim != 2 or cache is None:
-            return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             **kwargs)
-        kv_length, kv_offset = cache.get_mask_sizes(inputs_embeds.shape[1], 0)
-        return F.pad(attention_mask, (0, kv_length + kv_offset - attention_mask.shape[-1]))
 
 
 # `generate()` calls `inspect.signature(model.forward)` on every token for models registered for remote code, as ours
