@@ -18,7 +18,6 @@ from acx_ramanujan import RamanujanByteTokenizer, RamanujanConfig, RamanujanForC
 from acx_ramanujan import modeling_ramanujan
 from acx_ramanujan.modeling_ramanujan import RamanujanSparseMoeBlock, expert_load, load_balancing_loss, router_biases
 from acx_ramanujan.training import pretrain
-
 from test_pretraining import MOE
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
