@@ -70,6 +70,29 @@ def test_muon_in_bf16_is_torch_muon_and_in_fp32_keeps_its_momentum(shape, adjust
     assert torch.allclose(moved["fp32"], moved["bf16"], rtol=0, atol=0.03 * moved["bf16"].abs().max())
 
 
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_muon_orthogonalizes_many_matrices_together_as_each_alone(ns_dtype):
+    """Matrices of one (wide) shape share a batched iteration: tall and wide ones of that shape, and others beside
+    them. Each must move exactly as Muon moves it alone (itself torch's, above)."""
+    torch.manual_seed(0)
+    shapes = [(24, 40), (40, 24), (24, 40), (16, 16), (40, 24), (8, 40)]
+    starts = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn(shape) for shape in shapes] for _ in range(3)]
+    options = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype)
+    together = [torch.nn.Parameter(start.clone()) for start in starts]
+    alone = [torch.nn.Parameter(start.clone()) for start in starts]
+    optimizer, singles = Muon(together, **options), [Muon([param], **options) for param in alone]
+    for step_grads in grads:
+        for param, single, grad in zip(alone, singles, step_grads):
+            param.grad = grad.clone()
+            single.step()
+        for param, grad in zip(together, step_grads):
+            param.grad = grad.clone()
+        optimizer.step()
+    for batched, single, start in zip(together, alone, starts):
+        assert torch.equal(batched, single) and not torch.equal(batched, start)
+
+
 @pytest.mark.parametrize(("cuda", "avx512_bf16", "amx", "expected"), [
     (None, False, False, torch.float32), (None, True, False, torch.bfloat16), (None, False, True, torch.bfloat16),
     (True, False, False, torch.bfloat16), (False, True, True, torch.float32)])

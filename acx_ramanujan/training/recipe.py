@@ -108,30 +108,43 @@ class Muon(torch.optim.Muon):
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
-            for param, grad, buffer in zip(params, grads, buffers):
-                # Nesterov momentum, orthogonalize, decoupled weight decay, then the shape-scaled step.
-                buffer.lerp_(grad, 1 - group["momentum"])
-                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = orthogonalized(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-                param.mul_(1 - group["lr"] * group["weight_decay"])
+            if not params:
+                continue
+            # Nesterov momentum, orthogonalize, decoupled weight decay, then the shape-scaled step.
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
+            updates = orthogonalized(updates, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            for param, update in zip(params, updates):
                 param.add_(update, alpha=-group["lr"] * lr_ratio(group["adjust_lr_fn"], param.shape))
         return loss
 
 
-def orthogonalized(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Muon's quintic Newton–Schulz iteration (Jordan et al. 2024, github.com/KellerJordan/Muon), as torch runs it:
-    X ← X / ‖X‖_F on the wide orientation, then `steps` times X ← aX + (bA + cA²)X with A = XXᵀ."""
+def orthogonalized(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int, eps: float,
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+    """Muon's quintic Newton–Schulz iteration (Jordan et al. 2024, github.com/KellerJordan/Muon) of each matrix, as
+    torch runs it: X ← X / ‖X‖_F on the wide orientation, then `steps` times X ← aX + (bA + cA²)X with A = XXᵀ.
+
+    Matrices of the same (wide) shape go through it together, one batched matmul per product instead of one per
+    matrix: at the quality anchor's widths the iteration is a few hundred tiny matmuls per step, and their per-call
+    cost, not their arithmetic, was most of Muon's time (docs/benchmarks.md, "Time to target"). Each matrix's
+    result is its own iteration's: batching changes no arithmetic (tests/test_recipe.py compares with torch's Muon).
+    """
     a, b, c = coefficients
-    x = matrix.to(dtype, copy=True)
-    tall = matrix.size(0) > matrix.size(1)
-    if tall:
-        x = x.T
-    x.div_(x.norm().clamp(min=eps))
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+    results: list[torch.Tensor | None] = [None] * len(matrices)
+    by_shape: dict[tuple, list[tuple[int, bool]]] = {}
+    for index, matrix in enumerate(matrices):
+        tall = matrix.size(0) > matrix.size(1)
+        by_shape.setdefault((matrix.device, *(matrix.mT if tall else matrix).shape), []).append((index, tall))
+    for members in by_shape.values():
+        x = torch.stack([matrices[i].mT if tall else matrices[i] for i, tall in members]).to(dtype)
+        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for (index, tall), result in zip(members, x.unbind(0)):
+            results[index] = result.mT if tall else result
+    return results
 
 
 def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
