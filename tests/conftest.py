@@ -11,9 +11,12 @@ _HF_HOME = tempfile.mkdtemp(prefix="acx-hf-home-")
 os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `acx-rt train` picks bf16 autocast where bf16 is native, unless the launcher says otherwise (recipe.mixed_precision):
+# `acx-rt train` picks its precision by the hardware (and on CPUs with native bf16 by a timed probe), unless the
+# launcher says otherwise (training/precision.py):
 # the suite says fp32, so that its numbers are the same on every machine; tests of the bf16 default unset it.
 os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
+# ... and the probe's cache of those tests goes to a temporary folder, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="acx-cache-")
 
 import torch  # noqa: E402
 

@@ -18,7 +18,7 @@ from conftest import reset_accelerate_state
 from safetensors.torch import load_file
 
 from acx_ramanujan import RamanujanConfig
-from acx_ramanujan.training import pretrain
+from acx_ramanujan.training import precision, pretrain
 from acx_ramanujan.training.checkpoints import list_checkpoints
 from acx_ramanujan.cards import hardware_description
 from acx_ramanujan.training.metrics import load_metric
@@ -145,6 +145,22 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus, model
     assert json.loads((full / "eval_results.json").read_text()) == json.loads((resumed / "eval_results.json").read_text())
 
 
+@pytest.mark.parametrize("model", [TINY + ",attention_dropout=0.1", MOE + ",router_bias_update_rate=0.01"])
+def test_how_often_a_run_evaluates_changes_nothing_it_trains(tmp_path, corpus, model):
+    """Time to target is read from runs that evaluate every few steps: those evaluations (dropout's RNG, the
+    routers' counts, the loaders) must leave the weights and the training losses exactly as a run that never
+    evaluates until the end."""
+    runs = {"quiet": (), "every 2 steps": ("--eval_steps", "2")}
+    for name, extra in runs.items():
+        reset_accelerate_state()
+        assert pretrain.main(train_args(corpus, tmp_path / name, "--max_train_steps", "7", *extra, overrides=model)) == 0
+    quiet, evaluating = (load_file(tmp_path / name / "model.safetensors") for name in runs)
+    assert all(torch.equal(quiet[name], evaluating[name]) for name in quiet)
+    losses = {name: [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r] for name in runs}
+    assert losses["quiet"] == losses["every 2 steps"] and len(losses["quiet"]) == 7
+    assert sum("eval_loss" in r for r in read_jsonl(tmp_path / "every 2 steps" / "metrics.jsonl")) == 4
+
+
 def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     command = [sys.executable, str(REPO_ROOT / "training_scripts" / "pretrain.py"),
@@ -212,14 +228,17 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     assert two_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], rel=1e-5)
 
 
-def test_bf16_autocast_on_cpu_trains_by_default_where_native_and_says_so(tmp_path, corpus, monkeypatch, capsys):
-    """Run outside any launcher on a CPU that reports native bf16: bf16 autocast, printed and recorded (training
-    arguments and model card); the weights stay fp32."""
+def test_bf16_autocast_on_cpu_trains_by_default_where_the_probe_finds_it_faster_and_says_so(
+        tmp_path, corpus, monkeypatch, capsys):
+    """Run outside any launcher on a CPU that reports native bf16, where the timed probe finds bf16 faster: bf16
+    autocast, printed with the reason and recorded (training arguments and model card); the weights stay fp32."""
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # conftest pins the suite to fp32 through it
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "probe_seconds", lambda config, micro_batch: {"no": 0.2, "bf16": 0.1})
     out = tmp_path / "run"
     assert pretrain.main(train_args(corpus, out, "--max_train_steps", "3")) == 0
-    assert "mixed precision bf16" in capsys.readouterr().out.splitlines()[0]
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "mixed precision bf16 (a forward and backward of this model on this CPU took fp32 200.0 ms" in first
     assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
     assert "| `mixed_precision` | `bf16` |" in (out / "README.md").read_text()
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]

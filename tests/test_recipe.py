@@ -104,34 +104,6 @@ def test_newton_schulz_runs_in_bf16_only_where_bf16_matmuls_are_native(monkeypat
     assert recipe.newton_schulz_dtype(device) == expected
 
 
-@pytest.mark.parametrize(("choice", "launcher", "native", "expected"), [
-    ("auto", None, True, "bf16"), ("auto", None, False, "no"),  # plain `acx-rt train`: by the hardware
-    ("auto", "no", True, "no"), ("auto", "BF16", False, "bf16"),  # under `accelerate launch`: the launcher's
-    ("no", "bf16", True, "no"), ("bf16", None, False, "bf16")])  # the flag, whatever else
-def test_mixed_precision_defaults_to_bf16_where_native_unless_the_launcher_or_the_flag_says(
-        monkeypatch, choice, launcher, native, expected):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    if launcher is None:
-        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    else:
-        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert recipe.mixed_precision(choice) == expected
-
-
-def test_auto_precision_follows_the_device_accelerate_will_train_on(monkeypatch):
-    """A GPU with bf16 beside a CPU without: bf16; told to train on the CPU (ACCELERATE_USE_CPU): the CPU decides."""
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert recipe.mixed_precision("auto") == "bf16"
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    assert recipe.mixed_precision("auto") == "no"
-
-
 def test_expert_muon_steps_each_expert_matrix_as_muon_steps_a_matrix():
     """Against Muon (itself checked against torch.optim.Muon above) on a standalone copy of one expert's up half (gate_up's second half) and down
     matrix; the gradients are zeroed afterwards."""

@@ -2,7 +2,7 @@
 
 The shape is Transformers' `examples/pytorch/language-modeling/run_clm_no_trainer.py` (same flag names, same
 checkpoint/resume recipe), run through Accelerate so the same script works with `python`, `accelerate launch`
-(DDP, FSDP, DeepSpeed; mixed precision: `recipe.mixed_precision`) and several CPU processes over gloo
+(DDP, FSDP, DeepSpeed; mixed precision: `precision.choose_precision`) and several CPU processes over gloo
 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`; see training_scripts/accelerate_configs).
 
 Recipe: text → byte (or BPE) tokens packed into blocks (`data.py`), read as random windows → Muon + AdamW with
@@ -45,7 +45,8 @@ from .data import default_corpus_text, load_raw_datasets, text_to_dataset, token
 from .evaluation import count_predicted_bytes, evaluate_model
 from .progress import (METRICS_LOG, PROG, MetricsLog, check_output_dir_is_free, output_dir_lock, remove_leftovers,
                        stop_requests)
-from .recipe import Muon, RandomWindows, make_optimizers, make_schedulers, mixed_precision
+from .precision import choose_precision
+from .recipe import Muon, RandomWindows, make_optimizers, make_schedulers
 from .sharding import buffers_fsdp2_can_load, describe_launch, describe_shards, enable_fsdp_on_cpu
 from .streaming import (TrainStream, check_streaming_args, open_stream, resumed_position, stream_blocks,
                         validation_rows)
@@ -88,8 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--torch_compile", action="store_true",
                        help="compile the model with torch.compile (the launcher's --dynamo_backend, else inductor)")
     model.add_argument("--mixed_precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
-                       help="auto: the launcher's --mixed_precision under `accelerate launch`, else bf16 autocast where "
-                       "bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX) and fp32 (no) elsewhere")
+                       help="auto: the launcher's --mixed_precision under `accelerate launch`; else bf16 autocast on a GPU "
+                       "with bf16, fp32 (no) where bf16 is not native, and on a CPU with native bf16 the faster of the "
+                       "two for this model, timed once and cached")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--per_device_train_batch_size", type=int, default=8, help="blocks per process per micro-batch")
@@ -275,8 +277,9 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
     """Everything that can fail on bad input: tokenizer, config, output dir, checkpoint, data; then Accelerate."""
     tokenizer = load_pretraining_tokenizer(args.tokenizer_name)
     config = build_config(args, tokenizer)
+    precision = choose_precision(args.mixed_precision, config, (args.per_device_train_batch_size, args.block_size))
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(args.mixed_precision),
+        mixed_precision=precision.value,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # Seeded data order that checkpoints can restore (SeedableRandomSampler, epoch-dependent seed).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -287,7 +290,7 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
         dynamo_plugin=compile_plugin() if args.torch_compile else None,
     )
     enable_fsdp_on_cpu(accelerator)
-    accelerator.print(describe_launch(accelerator))
+    accelerator.print(describe_launch(accelerator) + f" ({precision.reason})")
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if args.optimizer is None:  # Muon orthogonalizes whole matrices, which FSDP and DeepSpeed shard
         args.optimizer = "adamw" if sharded else "muon"

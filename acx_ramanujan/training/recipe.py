@@ -6,7 +6,6 @@
   modded-nanoGPT line of work; MoE expert tensors (3-D: one matrix per expert) through `ExpertMuon`, the same update
   per expert matrix. Both run Muon's Newton–Schulz iteration in bf16 (as torch does) where bf16 matmuls are native,
   and in fp32 elsewhere (`Muon`, `newton_schulz_dtype`).
-- `mixed_precision`: bf16 autocast by default where bf16 matmuls are native, fp32 elsewhere.
 - `make_schedulers`: one Transformers schedule per optimizer, the same shape for each (warmup, then cosine to
   `min_lr_rate` × the peak by default).
 - `RandomWindows`: each training row is a window of the packed training stream starting at a random offset
@@ -18,12 +17,10 @@
 
 import argparse
 import math
-import os
 from functools import lru_cache
 
 import numpy as np
 import torch
-from accelerate.utils import parse_flag_from_env
 from torch.utils.data import Dataset
 from transformers import get_scheduler
 
@@ -73,21 +70,6 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16, torch's choice, where bf16 matmuls are native; fp32 elsewhere, where the bf16 iteration alone made a
     training step several times slower (benchmarks/optimizer_step.py; docs/benchmarks.md, "Training recipe")."""
     return torch.bfloat16 if bf16_is_native(device) else torch.float32
-
-
-def mixed_precision(choice: str) -> str:
-    """--mixed_precision as Accelerate takes it. `auto`: the launcher's choice under `accelerate launch` (which always
-    sets ACCELERATE_MIXED_PRECISION, `no` unless told otherwise), else bf16 autocast where bf16 is native on the
-    device Accelerate will pick (CUDA unless absent or ACCELERATE_USE_CPU, else the CPU) and fp32 (`no`) elsewhere:
-    at the quality anchor's budget bf16 autocast lands within 0.01 nats of fp32, dense and MoE (docs/benchmarks.md,
-    "Precision"). Decided before the Accelerator exists, which fixes its precision when it is built."""
-    if choice != "auto":
-        return choice
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher:
-        return launcher.lower()
-    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
-    return "bf16" if bf16_is_native(torch.device("cuda" if on_cuda else "cpu")) else "no"
 
 
 class Muon(torch.optim.Muon):
