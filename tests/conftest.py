@@ -81,6 +81,19 @@ def tiny_moe_config(**overrides):
     return tiny_config(**values)
 
 
+def export_llama(tmp_path, model, tokenizer=None) -> tuple[Path, Path]:
+    """Save `model` with `tokenizer` (the byte tokenizer by default) as a checkpoint under `tmp_path` and export it with
+    `acx-rt export --format llama`: (the checkpoint, the exported folder)."""
+    from acx_ramanujan import RamanujanByteTokenizer, export
+
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    (tokenizer or RamanujanByteTokenizer()).save_pretrained(checkpoint)
+    output_dir = tmp_path / "llama"
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 0
+    return checkpoint, output_dir
+
+
 # A fresh interpreter in which `acx_ramanujan` cannot be imported: what a user without the package sees.
 _BLOCK_PACKAGE = """
 import importlib.abc, sys

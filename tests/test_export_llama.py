@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_without_package, tiny_config, tiny_moe_config
+from conftest import export_llama, run_without_package, tiny_config, tiny_moe_config
 from safetensors.torch import load_file
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
@@ -39,13 +39,9 @@ print(json.dumps({{"class": type(model).__name__, "tokenizer": type(tokenizer)._
 
 def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
     """Export a random model of `config`; load the export in a package-free process. Returns (model, child's results)."""
-    checkpoint = tmp_path / "checkpoint"
     torch.manual_seed(seed)
     model = RamanujanForCausalLM(config).eval()
-    model.save_pretrained(checkpoint)
-    (tokenizer or RamanujanByteTokenizer()).save_pretrained(checkpoint)
-    output_dir = tmp_path / "llama"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 0
+    checkpoint, output_dir = export_llama(tmp_path, model, tokenizer)
 
     input_ids, attention_mask = export.random_batch(config, 3, 19, torch.Generator().manual_seed(4))  # left-padded
     inputs = json.dumps({"ids": input_ids.tolist(), "mask": attention_mask.tolist(), "texts": TEXTS})
