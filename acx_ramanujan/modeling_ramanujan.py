@@ -678,26 +678,32 @@ def load_balancing_loss(
     attention_mask: torch.Tensor | None = None,
     biases: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """Switch-Transformer balance loss (Fedus et al. 2022, eq. 4) on the real top-k assignment, averaged over layers.
+    """Switch-Transformer balance loss (Fedus et al. 2022, eqs. 4–6) in the top-k form of Mixtral's
+    `load_balancing_loss_func`, which Qwen3-MoE uses too: E · Σ_e f_e · P_e, the same value.
 
-    Per layer: E · Σ_e f_e · P_e, with f_e the share of the N·k top-k assignments that go to expert e and
-    P_e the mean router probability of e over tokens. This is Mixtral's top-k form divided by k, so it is 1.0 at
-    perfect balance for any k and grows to E when all tokens pick the same experts. Padding (mask 0) is left out.
-    `biases` (`router_biases(model)`, one per layer) are the routers' balancing biases: f_e counts the choice they
-    made (the real assignment), P_e stays the unbiased probability, through which the gradient flows.
+    f_e is the number of top-k assignments to expert e per token and P_e the mean router probability of e, both pooled
+    over the tokens of every MoE layer (as Mixtral pools them, not a mean of per-layer losses). Σ_e f_e = k, so the loss
+    is k when assignments and probabilities are even (2.0 at top-2) and at most E. Padding (mask 0) is left out; an
+    all-padding batch gives 0 (Mixtral's would be 0/0). `biases` (`router_biases(model)`, one per layer) are the
+    routers' balancing biases: f_e counts the choice they made (the real assignment), P_e stays the unbiased
+    probability, through which the gradient flows; with zero biases this is Mixtral's function.
     """
-    losses = []
+    device = router_logits[0].device  # where Mixtral sums too: the layers may sit on different devices
+    num_experts = router_logits[0].shape[-1]
+    weights = None if attention_mask is None else attention_mask.reshape(-1).to(device, torch.float32)
+    assignments = torch.zeros(num_experts, device=device)
+    probabilities = torch.zeros(num_experts, device=device)
+    tokens = torch.zeros((), device=device)
     for layer, logits in enumerate(router_logits):
-        num_experts = logits.shape[-1]
-        probs = F.softmax(logits.float(), dim=-1)
-        scores = probs if biases is None else probs + biases[layer].to(probs.device)
+        probs = F.softmax(logits.to(device).float(), dim=-1)
+        scores = probs if biases is None else probs + biases[layer].to(device)
         chosen = F.one_hot(torch.topk(scores, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
-        weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
-        weights = weights / weights.sum().clamp_min(1)  # an all-padding batch: weight 0, not 0/0
-        assignment_share = (chosen * weights[:, None]).sum(0) / top_k
-        mean_prob = (probs * weights[:, None]).sum(0)
-        losses.append(num_experts * (assignment_share * mean_prob).sum())
-    return torch.stack(losses).mean()
+        layer_weights = torch.ones(probs.shape[0], device=device) if weights is None else weights
+        assignments = assignments + (chosen * layer_weights[:, None]).sum(0)
+        probabilities = probabilities + (probs * layer_weights[:, None]).sum(0)
+        tokens = tokens + layer_weights.sum()
+    tokens = tokens.clamp_min(1)
+    return num_experts * ((assignments / tokens) * (probabilities / tokens)).sum()
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
