@@ -95,6 +95,28 @@ def test_parallel_plans_name_modules_that_exist(shape):
     assert set(layer_inputs) <= set(inspect.signature(model.model.layers[0].forward).parameters)
 
 
+def test_tensor_parallel_plan_applies_without_deprecation(tmp_path):
+    """Our TP plan, applied by Transformers' own `apply_tensor_parallelism` on a one-process gloo mesh (every shard
+    whole, so the logits must not change), warns about nothing: since 5.25 the expert styles (`moe_tp_experts`,
+    removed in 5.28) are deprecated, and the routed experts are replicated under TP as in Qwen3-MoE."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    model = build("moe", num_shared_experts=1, first_k_dense_layers=1)  # every kind of layer the plan has rules for
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        plan = model._expand_parallel_plan(model.tp_plan)
+        assert deprecation_messages(lambda: apply_tensor_parallelism(model, mesh, plan)) == []
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_token_id_out_of_range_is_named():
     model = build()
     with pytest.raises(ValueError, match=r"token id 300 .*vocab_size=259"):
