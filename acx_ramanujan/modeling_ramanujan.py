@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, is_tracing
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -228,6 +228,11 @@ class RamanujanRouter(nn.Linear):
 
     def __init__(self, config: RamanujanConfig):
         super().__init__(config.hidden_size, config.num_experts, bias=False)
+
+
+def on_accelerator(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lives where reading its values back to the host stalls a device (anything but the CPU)."""
+    return tensor.device.type != "cpu"
 
 
 @use_experts_implementation
@@ -584,12 +589,14 @@ def check_ids_in_range(
     extend a filled cache check (training steps, a prompt's prefill, one forward): a decode step feeds back ids that
     `generate()` picked from this model's own head, which has the embedding's size (`resize_token_embeddings` resizes
     both). A cache filled before the first call (a static cache that `generate()` initialized early) also skips it.
-    Compiled graphs skip it too (a host read would break the graph). `vocab_size` is the live embedding/head size,
-    so it follows `resize_token_embeddings`.
+    So does any cache that is not a `Cache`: continuous batching (`generate_batch`, `transformers serve`) hands the
+    forward its `PagedAttentionCache`, every step of which mixes new prompt chunks with decode tokens of many
+    requests and runs asynchronously or inside a CUDA graph. Graphs being traced or captured skip it too (a host
+    read would break them). `vocab_size` is the live embedding/head size, so it follows `resize_token_embeddings`.
     """
-    if torch.compiler.is_compiling() or ids.numel() == 0:
+    if is_tracing(ids) or ids.numel() == 0:
         return
-    if ids.device.type != "cpu" and cache is not None and cache.is_initialized:
+    if on_accelerator(ids) and cache is not None and (not isinstance(cache, Cache) or cache.is_initialized):
         return
     if ignore_index is not None:
         ids = ids.masked_fill(ids == ignore_index, 0)
