@@ -18,7 +18,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
+from transformers.integrations import use_kernel_forward_from_hub, use_kernelized_func
+from transformers.integrations.moe import (
+    batched_mm_experts_forward,
+    grouped_mm_experts_forward,
+    use_experts_implementation,
+)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -66,8 +71,11 @@ def accepts_past_key_values(forward: Callable) -> Callable:
     return wrapper
 
 
+@use_kernel_forward_from_hub("RMSNorm")
 class RamanujanRMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019), computed in float32 as Llama does."""
+    """RMSNorm (Zhang & Sennrich 2019): weight · x·rsqrt(mean(x²) + ε), normalized in float32 and cast back before the
+    weight, as Llama's. Same math, attributes and forward signature as `LlamaRMSNorm`, so it carries Llama's Hub-kernel
+    name: where `from_pretrained` applies Hub kernels (5.25+, `kernels` installed), Llama's fused kernel replaces it."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -125,6 +133,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@use_kernel_forward_from_hub("rotary_pos_emb")  # Llama's name and arguments: its Hub kernel stands in for this
 def apply_rotary_pos_emb(q, k, cos, sin):
     """q, k: (batch, heads, seq, head_dim); cos, sin: (batch, seq, head_dim)."""
     cos = cos.unsqueeze(1)
@@ -154,6 +163,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+@use_kernelized_func(apply_rotary_pos_emb)  # makes the rotary function visible to Hub kernelization, as in Llama
 class RamanujanAttention(nn.Module):
     """GQA self-attention with rotary positions and the seed's per-layer temperature."""
 
@@ -240,12 +250,17 @@ class RamanujanExperts(nn.Module):
     """All experts of one layer as fused 3-D weights, the layout of Transformers v5 MoE models.
 
     gate_up_proj: (num_experts, 2·moe_intermediate_size, hidden); down_proj: (num_experts, hidden, moe_intermediate).
-    The eager forward is dropless and computes each token only for its own top-k experts: assignments are
-    sorted by expert, gathered once, run through each expert's contiguous slice, weighted and scattered back.
-    Sizing those slices reads the per-expert counts back to the host, which a compiled graph (or a CUDA graph)
-    cannot do; there, and under expert parallelism (whose dispatch can send the out-of-range id `num_experts` with
-    weight 0), it runs Transformers' "batched_mm" instead: the same sums over each token's top-k experts, with
-    shapes that do not depend on the routing.
+    The eager forward ("eager", our default) is dropless and computes each token only for its own top-k experts. On
+    CPU, assignments are sorted by expert, gathered once, run through each expert's contiguous slice, weighted and
+    scattered back. Sizing those slices reads the per-expert counts back to the host: free on CPU, but a stall per
+    layer per step on an accelerator, and impossible inside a compiled graph or a CUDA graph capture. So:
+    - on an accelerator it runs Transformers' "grouped_mm", Qwen3-MoE's default there (histc instead of bincount,
+      so capture-safe; it also drops expert parallelism's out-of-range ids). Chosen by following upstream, not by a
+      measurement: no GPU was at hand here;
+    - on CPU while a graph is traced (Transformers' `is_tracing`: torch.compile, export, jit or fx tracing, and stream
+      capture, whose tensors are an accelerator's in practice), and under expert parallelism (whose dispatch can send
+      the out-of-range id `num_experts` with weight 0), it runs Transformers' "batched_mm": the same sums over each
+      token's top-k experts, with shapes that do not depend on the routing.
     """
 
     def __init__(self, config: RamanujanConfig):
@@ -258,7 +273,9 @@ class RamanujanExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if torch.compiler.is_compiling() or self._is_expert_parallel:
+        if on_accelerator(hidden_states):
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if is_tracing(hidden_states) or self._is_expert_parallel:
             return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
@@ -454,10 +471,13 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
+        """Unless asked otherwise, experts run our "eager" forward rather than Transformers' "grouped_mm" everywhere.
 
-        On CPU it was as fast from 4 to 32 experts and faster at 64 (docs/benchmarks.md, "Scaling", has the numbers);
-        pass `experts_implementation="grouped_mm"` where a grouped-matmul kernel pays off (CUDA, export).
+        That default is chosen per device at each call (`RamanujanExperts`), since a model is built before it is
+        placed: on CPU our sorted dispatch, which was as fast from 4 to 32 experts and faster at 64 (docs/benchmarks.md,
+        "Scaling", has the numbers); on an accelerator Transformers' "grouped_mm", Qwen3-MoE's default there (upstream's
+        choice, unmeasured here: no GPU). Any other `experts_implementation` ("grouped_mm", "batched_mm") runs as named
+        on every device.
         """
         return super().get_correct_experts_implementation(requested_experts or "eager")
 

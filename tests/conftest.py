@@ -43,6 +43,33 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def kernels_on_a_fake_gpu(monkeypatch):
+    """Resolve Hub kernels as on an H100 (CUDA capability 9.0), with no GPU and no download: each kernel the mapping
+    names "loads" as a stand-in that records its layer name and runs the module's own forward. Yields the names run.
+    Skips where the `kernels` package is missing (Transformers depends on it from 5.25)."""
+    pytest.importorskip("kernels", reason="needs the `kernels` package, a dependency of Transformers from 5.25")
+    import inspect
+
+    from kernels._internals.layer import layer as kernel_layers
+    from transformers.integrations import hub_kernels
+
+    run = []
+
+    def stand_in(repo, module_class):
+        def forward(self, *args, **kwargs):
+            run.append(repo.layer_name)
+            return module_class.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(module_class.forward)  # kernels checks the forward's signature
+        return type(f"StandIn{repo.layer_name}", (torch.nn.Module,), {"forward": forward})
+
+    monkeypatch.setattr(kernel_layers, "_get_layer_memoize", stand_in)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(hub_kernels, "get_device_type", lambda device=None: "cuda")  # where the model "is"
+    return run
+
+
 def reset_accelerate_state() -> None:
     """Forget Accelerate's process-wide singletons, so that the next in-process run builds its own Accelerator
     (mixed precision, process count, FSDP plugin) from scratch."""

@@ -1,7 +1,9 @@
 """Branches of our code that run only on an accelerator, entered on this CPU-only machine.
 
 Each test drives one such branch with what a CPU has: meta tensors (a device whose values cannot be read back, so a
-host read fails loudly) or a forced predicate (`on_accelerator`, `torch.cuda.is_current_stream_capturing`).
+host read fails loudly) or a forced predicate (`on_accelerator`, `torch.cuda.is_current_stream_capturing`, the device
+Hub kernels are resolved for). The experts' per-device and capture paths are tested in test_fast_paths.py, beside the
+other expert-dispatch tests.
 """
 
 import pytest
@@ -70,3 +72,64 @@ def test_id_range_check_reads_nothing_while_a_cuda_graph_is_captured(monkeypatch
         check_ids_in_range(on_accelerator, 259, "token id", None)  # no capture: read (and meta cannot be read)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     check_ids_in_range(on_accelerator, 259, "token id", None)
+
+
+# --- Hub kernels -----------------------------------------------------------------------------------------------------
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def kernelized_layers(model) -> dict[str, str]:
+    """{module class: Hub kernel layer} of every module (or module's rotary function) that kernelize replaced."""
+    found = {}
+    for module in model.modules():
+        for owner in (module, *module.__dict__.get("_kernel_funcs", {}).values()):
+            repo = owner.__dict__.get("_kernel_repo")
+            if repo is not None:
+                found[type(owner).__name__ if owner is module else "rotary function"] = repo.layer_name
+    return found
+
+
+def test_hub_kernels_resolve_for_our_layers_as_for_llamas(kernels_on_a_fake_gpu):
+    """On CUDA, Hub kernelization (what `from_pretrained` runs from 5.25) replaces our RMSNorm, rotary function and
+    SiLU with the kernels it gives Llama's: the same kernel names, and they run in the forward."""
+    from kernels import Mode
+    from transformers.integrations import hub_kernels
+
+    hub_kernels.register_kernel_mapping_transformers()
+    resolved, ran = {}, {}
+    for name, model in (("ours", build("moe")), ("llama", tiny_llama())):
+        hub_kernels.kernelize(model, mode=Mode.INFERENCE)
+        resolved[name] = sorted(set(kernelized_layers(model).values()))
+        kernels_on_a_fake_gpu.clear()
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+        ran[name] = sorted(set(kernels_on_a_fake_gpu))
+    assert resolved["ours"] == resolved["llama"] == ran["ours"] == ran["llama"], (resolved, ran)
+    assert {"LigerRMSNorm", "apply_rotary_transformers"} <= set(resolved["ours"])
+
+
+@pytest.mark.parametrize("use_hub_kernels", [None, "0"])
+def test_from_pretrained_applies_hub_kernels_as_for_llama_unless_turned_off(use_hub_kernels, kernels_on_a_fake_gpu,
+                                                                             tmp_path, monkeypatch):
+    """`from_pretrained` kernelizes our layers exactly when it kernelizes Llama's (by default from 5.25) and, with
+    `USE_HUB_KERNELS=0`, neither."""
+    from transformers import AutoModelForCausalLM
+
+    if use_hub_kernels is None:
+        monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("USE_HUB_KERNELS", use_hub_kernels)
+    loaded = {}
+    for name, model in (("ours", build("dense")), ("llama", tiny_llama())):
+        model.save_pretrained(tmp_path / name)
+        loaded[name] = kernelized_layers(AutoModelForCausalLM.from_pretrained(tmp_path / name))
+    assert sorted(loaded["ours"].values()) == sorted(loaded["llama"].values()), loaded
+    if use_hub_kernels == "0":
+        assert loaded["ours"] == {}
