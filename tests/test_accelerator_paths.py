@@ -13,6 +13,7 @@ from test_generation import generate_batch
 from transformers.cache_utils import Cache
 
 from acx_ramanujan import RamanujanForCausalLM, modeling_ramanujan
+from acx_ramanujan.bench.gpu_check import kernelized_layers
 from acx_ramanujan.modeling_ramanujan import check_ids_in_range
 
 CONFIGS = {"dense": tiny_config, "moe": tiny_moe_config}
@@ -83,17 +84,6 @@ def tiny_llama():
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-
-
-def kernelized_layers(model) -> dict[str, str]:
-    """{module class: Hub kernel layer} of every module (or module's rotary function) that kernelize replaced."""
-    found = {}
-    for module in model.modules():
-        for owner in (module, *module.__dict__.get("_kernel_funcs", {}).values()):
-            repo = owner.__dict__.get("_kernel_repo")
-            if repo is not None:
-                found[type(owner).__name__ if owner is module else "rotary function"] = repo.layer_name
-    return found
 
 
 def test_hub_kernels_resolve_for_our_layers_as_for_llamas(kernels_on_a_fake_gpu):
