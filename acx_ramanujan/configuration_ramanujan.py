@@ -30,12 +30,12 @@ MOE_LOSS_FIELDS = {"router_aux_loss_coef": (float, 0.01), "router_z_loss_coef": 
                    "output_router_logits": (bool, False), "router_bias_update_rate": (float, 0.0)}
 
 # Tensor-parallel rules by module path under the base model, grouped by the module that a config may or may not build.
+# No rule for the routed experts: as in Qwen3-MoE since Transformers 5.25 (whose `moe_tp_experts` style is deprecated,
+# going in 5.28), tensor parallelism replicates them and the expert-parallel plan (EP_PLAN) shards them.
 TP_PLANS = {
     "attention": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
                   "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"},
     "mlp": {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"},
-    "experts": {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
-                "layers.*.mlp.experts": "moe_tp_experts"},
     "shared_experts": {"layers.*.mlp.shared_experts.gate_proj": "colwise", "layers.*.mlp.shared_experts.up_proj": "colwise",
                        "layers.*.mlp.shared_experts.down_proj": "rowwise"},
 }
@@ -249,14 +249,13 @@ class RamanujanConfig(PreTrainedConfig):
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
-        """Tensor-parallel rules by module path under the base model: Llama's for attention and dense MLPs, Qwen3-MoE's
-        for the fused experts; the embedding is split by vocabulary rows like the head tied to it ("colwise" on
-        lm_head). Only rules for modules this config builds (Transformers' own tests require each to match one)."""
+        """Tensor-parallel rules by module path under the base model: Llama's for attention and dense MLPs (shared
+        experts are such MLPs), none for the routed experts (Qwen3-MoE's: see TP_PLANS); the embedding is split by
+        vocabulary rows like the head tied to it ("colwise" on lm_head). Only rules for modules this config builds
+        (Transformers' own tests require each to match one)."""
         plan = {"embed_tokens": "embedding_rowwise", **TP_PLANS["attention"]}
         if not self.is_moe or self.first_k_dense_layers > 0:
             plan.update(TP_PLANS["mlp"])
-        if self.is_moe:
-            plan.update(TP_PLANS["experts"])
         if self.is_moe and self.num_shared_experts > 0:
             plan.update(TP_PLANS["shared_experts"])
         return plan

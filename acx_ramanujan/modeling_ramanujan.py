@@ -18,7 +18,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
+from transformers.integrations import use_kernel_forward_from_hub, use_kernelized_func
+from transformers.integrations.moe import (
+    batched_mm_experts_forward,
+    grouped_mm_experts_forward,
+    use_experts_implementation,
+)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -29,7 +34,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, is_tracing
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -66,8 +71,11 @@ def accepts_past_key_values(forward: Callable) -> Callable:
     return wrapper
 
 
+@use_kernel_forward_from_hub("RMSNorm")
 class RamanujanRMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019), computed in float32 as Llama does."""
+    """RMSNorm (Zhang & Sennrich 2019): weight · x·rsqrt(mean(x²) + ε), normalized in float32 and cast back before the
+    weight, as Llama's. Same math, attributes and forward signature as `LlamaRMSNorm`, so it carries Llama's Hub-kernel
+    name: where `from_pretrained` applies Hub kernels (5.25+, `kernels` installed), Llama's fused kernel replaces it."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -125,6 +133,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@use_kernel_forward_from_hub("rotary_pos_emb")  # Llama's name and arguments: its Hub kernel stands in for this
 def apply_rotary_pos_emb(q, k, cos, sin):
     """q, k: (batch, heads, seq, head_dim); cos, sin: (batch, seq, head_dim)."""
     cos = cos.unsqueeze(1)
@@ -154,6 +163,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+@use_kernelized_func(apply_rotary_pos_emb)  # makes the rotary function visible to Hub kernelization, as in Llama
 class RamanujanAttention(nn.Module):
     """GQA self-attention with rotary positions and the seed's per-layer temperature."""
 
@@ -230,17 +240,27 @@ class RamanujanRouter(nn.Linear):
         super().__init__(config.hidden_size, config.num_experts, bias=False)
 
 
+def on_accelerator(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lives where reading its values back to the host stalls a device (anything but the CPU)."""
+    return tensor.device.type != "cpu"
+
+
 @use_experts_implementation
 class RamanujanExperts(nn.Module):
     """All experts of one layer as fused 3-D weights, the layout of Transformers v5 MoE models.
 
     gate_up_proj: (num_experts, 2·moe_intermediate_size, hidden); down_proj: (num_experts, hidden, moe_intermediate).
-    The eager forward is dropless and computes each token only for its own top-k experts: assignments are
-    sorted by expert, gathered once, run through each expert's contiguous slice, weighted and scattered back.
-    Sizing those slices reads the per-expert counts back to the host, which a compiled graph (or a CUDA graph)
-    cannot do; there, and under expert parallelism (whose dispatch can send the out-of-range id `num_experts` with
-    weight 0), it runs Transformers' "batched_mm" instead: the same sums over each token's top-k experts, with
-    shapes that do not depend on the routing.
+    The eager forward ("eager", our default) is dropless and computes each token only for its own top-k experts. On
+    CPU, assignments are sorted by expert, gathered once, run through each expert's contiguous slice, weighted and
+    scattered back. Sizing those slices reads the per-expert counts back to the host: free on CPU, but a stall per
+    layer per step on an accelerator, and impossible inside a compiled graph or a CUDA graph capture. So:
+    - on an accelerator it runs Transformers' "grouped_mm", Qwen3-MoE's default there (histc instead of bincount,
+      so capture-safe; it also drops expert parallelism's out-of-range ids). Chosen by following upstream, not by a
+      measurement: no GPU was at hand here;
+    - on CPU while a graph is traced (Transformers' `is_tracing`: torch.compile, export, jit or fx tracing, and stream
+      capture, whose tensors are an accelerator's in practice), and under expert parallelism (whose dispatch can send
+      the out-of-range id `num_experts` with weight 0), it runs Transformers' "batched_mm": the same sums over each
+      token's top-k experts, with shapes that do not depend on the routing.
     """
 
     def __init__(self, config: RamanujanConfig):
@@ -253,7 +273,9 @@ class RamanujanExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if torch.compiler.is_compiling() or self._is_expert_parallel:
+        if on_accelerator(hidden_states):
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if is_tracing(hidden_states) or self._is_expert_parallel:
             return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
@@ -449,10 +471,13 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Unless asked otherwise, experts run our sorted dispatch ("eager") rather than Transformers' "grouped_mm".
+        """Unless asked otherwise, experts run our "eager" forward rather than Transformers' "grouped_mm" everywhere.
 
-        On CPU it was as fast from 4 to 32 experts and faster at 64 (docs/benchmarks.md, "Scaling", has the numbers);
-        pass `experts_implementation="grouped_mm"` where a grouped-matmul kernel pays off (CUDA, export).
+        That default is chosen per device at each call (`RamanujanExperts`), since a model is built before it is
+        placed: on CPU our sorted dispatch, which was as fast from 4 to 32 experts and faster at 64 (docs/benchmarks.md,
+        "Scaling", has the numbers); on an accelerator Transformers' "grouped_mm", Qwen3-MoE's default there (upstream's
+        choice, unmeasured here: no GPU). Any other `experts_implementation` ("grouped_mm", "batched_mm") runs as named
+        on every device.
         """
         return super().get_correct_experts_implementation(requested_experts or "eager")
 
@@ -584,12 +609,14 @@ def check_ids_in_range(
     extend a filled cache check (training steps, a prompt's prefill, one forward): a decode step feeds back ids that
     `generate()` picked from this model's own head, which has the embedding's size (`resize_token_embeddings` resizes
     both). A cache filled before the first call (a static cache that `generate()` initialized early) also skips it.
-    Compiled graphs skip it too (a host read would break the graph). `vocab_size` is the live embedding/head size,
-    so it follows `resize_token_embeddings`.
+    So does any cache that is not a `Cache`: continuous batching (`generate_batch`, `transformers serve`) hands the
+    forward its `PagedAttentionCache`, every step of which mixes new prompt chunks with decode tokens of many
+    requests and runs asynchronously or inside a CUDA graph. Graphs being traced or captured skip it too (a host
+    read would break them). `vocab_size` is the live embedding/head size, so it follows `resize_token_embeddings`.
     """
-    if torch.compiler.is_compiling() or ids.numel() == 0:
+    if is_tracing(ids) or ids.numel() == 0:
         return
-    if ids.device.type != "cpu" and cache is not None and cache.is_initialized:
+    if on_accelerator(ids) and cache is not None and (not isinstance(cache, Cache) or cache.is_initialized):
         return
     if ignore_index is not None:
         ids = ids.masked_fill(ids == ignore_index, 0)
@@ -678,26 +705,32 @@ def load_balancing_loss(
     attention_mask: torch.Tensor | None = None,
     biases: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """Switch-Transformer balance loss (Fedus et al. 2022, eq. 4) on the real top-k assignment, averaged over layers.
+    """Switch-Transformer balance loss (Fedus et al. 2022, eqs. 4–6) in the top-k form of Mixtral's
+    `load_balancing_loss_func`, which Qwen3-MoE uses too: E · Σ_e f_e · P_e, the same value.
 
-    Per layer: E · Σ_e f_e · P_e, with f_e the share of the N·k top-k assignments that go to expert e and
-    P_e the mean router probability of e over tokens. This is Mixtral's top-k form divided by k, so it is 1.0 at
-    perfect balance for any k and grows to E when all tokens pick the same experts. Padding (mask 0) is left out.
-    `biases` (`router_biases(model)`, one per layer) are the routers' balancing biases: f_e counts the choice they
-    made (the real assignment), P_e stays the unbiased probability, through which the gradient flows.
+    f_e is the number of top-k assignments to expert e per token and P_e the mean router probability of e, both pooled
+    over the tokens of every MoE layer (as Mixtral pools them, not a mean of per-layer losses). Σ_e f_e = k, so the loss
+    is k when assignments and probabilities are even (2.0 at top-2) and at most E. Padding (mask 0) is left out; an
+    all-padding batch gives 0 (Mixtral's would be 0/0). `biases` (`router_biases(model)`, one per layer) are the
+    routers' balancing biases: f_e counts the choice they made (the real assignment), P_e stays the unbiased
+    probability, through which the gradient flows; with zero biases this is Mixtral's function.
     """
-    losses = []
+    device = router_logits[0].device  # where Mixtral sums too: the layers may sit on different devices
+    num_experts = router_logits[0].shape[-1]
+    weights = None if attention_mask is None else attention_mask.reshape(-1).to(device, torch.float32)
+    assignments = torch.zeros(num_experts, device=device)
+    probabilities = torch.zeros(num_experts, device=device)
+    tokens = torch.zeros((), device=device)
     for layer, logits in enumerate(router_logits):
-        num_experts = logits.shape[-1]
-        probs = F.softmax(logits.float(), dim=-1)
-        scores = probs if biases is None else probs + biases[layer].to(probs.device)
+        probs = F.softmax(logits.to(device).float(), dim=-1)
+        scores = probs if biases is None else probs + biases[layer].to(device)
         chosen = F.one_hot(torch.topk(scores, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
-        weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
-        weights = weights / weights.sum().clamp_min(1)  # an all-padding batch: weight 0, not 0/0
-        assignment_share = (chosen * weights[:, None]).sum(0) / top_k
-        mean_prob = (probs * weights[:, None]).sum(0)
-        losses.append(num_experts * (assignment_share * mean_prob).sum())
-    return torch.stack(losses).mean()
+        layer_weights = torch.ones(probs.shape[0], device=device) if weights is None else weights
+        assignments = assignments + (chosen * layer_weights[:, None]).sum(0)
+        probabilities = probabilities + (probs * layer_weights[:, None]).sum(0)
+        tokens = tokens + layer_weights.sum()
+    tokens = tokens.clamp_min(1)
+    return num_experts * ((assignments / tokens) * (probabilities / tokens)).sum()
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:

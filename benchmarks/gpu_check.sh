@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The first run on a CUDA GPU: flash-attn/sdpa/eager agreement, bf16 training, static-cache compiled generation, one
-# FSDP2 step, and training tokens/s + MFU against Transformers' Llama (acx_ramanujan/bench/gpu_check.py says what each is).
+# FSDP2 step, training tokens/s + MFU against Transformers' Llama, continuous batching (generate_batch = generate(),
+# CUDA graphs on and off) and the Hub kernels from_pretrained applied (acx_ramanujan/bench/gpu_check.py says what
+# each is).
 # Run from anywhere: `bash benchmarks/gpu_check.sh`; results print as JSON and go to $OUT/gpu_check.json (or ./).
 # On a machine without a package registry, put the wheels it lacks (e.g. the newest transformers) in .whl/ first.
 set -euo pipefail

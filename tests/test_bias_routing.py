@@ -102,7 +102,7 @@ def test_losses_and_expert_load_count_the_biased_choice():
     assert expert_load((logits,), 2).tolist() == [[0.5, 0.5, 0.0, 0.0]]
     assert expert_load((logits,), 2, (bias,)).tolist() == [[0.5, 0.0, 0.0, 0.5]]
     probs = F.softmax(logits, dim=-1)[0]
-    expected = 4 * 0.5 * (probs[0] + probs[3]).item()  # E · Σ f_e P_e with f = (½, 0, 0, ½)
+    expected = 4 * (probs[0] + probs[3]).item()  # E · Σ_e f_e P_e with f = (1, 0, 0, 1) assignments per token
     assert load_balancing_loss((logits,), 2, biases=(bias,)).item() == pytest.approx(expected)
     model = build().eval()
     assert [tuple(b.shape) for b in router_biases(model)] == [(4,), (4,)]  # one per MoE layer, in layer order

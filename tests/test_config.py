@@ -188,8 +188,9 @@ def test_router_loss_fields_exist_on_moe_configs_only():
 @pytest.mark.parametrize("extra", [{}, {"num_experts": 4}, {"num_experts": 4, "num_shared_experts": 1},
                                    {"num_experts": 4, "first_k_dense_layers": 1}])
 def test_parallel_plans_name_only_modules_the_config_builds(extra):
-    """Every tensor/expert-parallel rule matches a module or parameter of this config's model, and every weight matrix
-    of a decoder layer has a rule (what Transformers' test_tp_plan_matches_params checks, per config)."""
+    """Every tensor/expert-parallel rule matches a module or parameter of this config's model (what Transformers'
+    test_tp_plan_matches_params checks, per config), and every weight matrix of a decoder layer has a tensor-parallel
+    rule, except the routed experts': replicated under tensor parallelism, they have an expert-parallel one."""
     import fnmatch
 
     from acx_ramanujan import RamanujanModel
@@ -203,5 +204,5 @@ def test_parallel_plans_name_only_modules_the_config_builds(extra):
         assert any(fnmatch.fnmatch(name, key.replace(".*.", ".[0-9]*.")) for name in names), key
     layer_weights = {name for name in names if name.startswith("layers.") and name.endswith(("proj.weight", "proj"))}
     for name in layer_weights:
-        assert any(fnmatch.fnmatch(name.removesuffix(".weight"), key.replace(".*.", ".[0-9]*."))
-                   for key in config.base_model_tp_plan), name
+        plan = config.base_model_ep_plan if ".mlp.experts." in name else config.base_model_tp_plan
+        assert any(fnmatch.fnmatch(name.removesuffix(".weight"), key.replace(".*.", ".[0-9]*.")) for key in plan), name

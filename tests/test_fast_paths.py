@@ -185,6 +185,71 @@ def test_expert_parallel_dispatch_drops_the_sentinel_expert_id():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def routing(num_experts=4, tokens=10, seed=5):
+    """Hidden states, top-2 expert ids and routing weights for `tokens` tokens of width 32."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 32, generator=generator)
+    top_k_index = torch.stack([torch.randperm(num_experts, generator=generator)[:2] for _ in range(tokens)])
+    return x, top_k_index, torch.rand(tokens, 2, generator=generator)
+
+
+def spy_on(monkeypatch, name):
+    """Record each call of the Transformers experts function `name` that the modeling file calls."""
+    from acx_ramanujan import modeling_ramanujan
+
+    calls, original = [], getattr(modeling_ramanujan, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_ramanujan, name, recorded)
+    return calls
+
+
+def test_default_experts_run_grouped_mm_on_an_accelerator(monkeypatch):
+    """The default experts forward ("eager") picks its path per device: our sorted dispatch on CPU, Transformers'
+    grouped_mm elsewhere (Qwen3-MoE's default; no host read of the routing). Entered on CPU two ways: on the meta
+    device, whose values cannot be read at all (the sorted dispatch would fail reading its counts), and with the
+    device predicate forced on CPU tensors, where the result must equal the per-token loop."""
+    from acx_ramanujan import modeling_ramanujan
+
+    model, block = moe_block()
+    assert model.config._experts_implementation == "eager"
+    x, top_k_index, top_k_weights = routing()
+    expected = naive_experts(block.experts, x, top_k_index, top_k_weights)
+    grouped = spy_on(monkeypatch, "grouped_mm_experts_forward")
+    batched = spy_on(monkeypatch, "batched_mm_experts_forward")
+    with torch.no_grad():
+        torch.testing.assert_close(block.experts(x, top_k_index, top_k_weights), expected, rtol=1e-4, atol=1e-5)
+        assert grouped == batched == []  # CPU: the sorted dispatch
+        monkeypatch.setattr(modeling_ramanujan, "on_accelerator", lambda tensor: True)
+        torch.testing.assert_close(block.experts(x, top_k_index, top_k_weights), expected, rtol=1e-4, atol=1e-5)
+        assert grouped == ["grouped_mm_experts_forward"] and batched == []
+        monkeypatch.undo()
+        # meta in bf16: torch's grouped_mm meta kernel takes only bf16 inputs
+        experts = block.experts.to("meta", torch.bfloat16)
+        meta = [t.to("meta", torch.bfloat16) if t.is_floating_point() else t.to("meta") for t in routing()]
+        grouped = spy_on(monkeypatch, "grouped_mm_experts_forward")
+        assert experts(*meta).shape == x.shape and grouped == ["grouped_mm_experts_forward"]
+
+
+def test_experts_take_the_shape_static_path_while_a_cuda_graph_is_captured(monkeypatch):
+    """Continuous batching captures CUDA graphs; a capture cannot read the per-expert counts to the host. Captured
+    tensors live on the accelerator, where grouped_mm runs (the test above); the sorted dispatch also asks
+    Transformers' `is_tracing`, which says yes during a capture: forced on (`torch.cuda.is_current_stream_capturing`),
+    the CPU forward runs batched_mm, as under torch.compile, and gives the per-token loop's result."""
+    model, block = moe_block()
+    x, top_k_index, top_k_weights = routing()
+    expected = naive_experts(block.experts, x, top_k_index, top_k_weights)
+    batched = spy_on(monkeypatch, "batched_mm_experts_forward")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with torch.no_grad():
+        got = block.experts(x, top_k_index, top_k_weights)
+    assert batched == ["batched_mm_experts_forward"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_static_cache_fullgraph_compiled_generation_equals_dynamic_eager(kind):
     """`_can_compile_fullgraph = True` holds: with a static cache and `torch.compile(forward, fullgraph=True)` (no graph

@@ -4,17 +4,29 @@ Transformers' own GenerationTesterMixin (tests/generation/test_utils.py) is not 
 tests/test_transformers_common.py runs, so this module checks the same behaviours with tests of our own: cached
 generation equals uncached (greedy and beam search), assisted decoding equals greedy, generation continues from a
 returned cache and from `inputs_embeds`, the static cache and a compiled forward reproduce the dynamic/eager
-results, generation works after `resize_token_embeddings`, and left padding does not change a row's output.
+results, generation works after `resize_token_embeddings`, left padding does not change a row's output, and
+continuous batching (`generate_batch`) gives each prompt the tokens `generate()` gives it.
 The tests run through the classes in tests/test_transformers_common.py (which set `model_tester` and
 `all_model_classes`), as upstream's mixin runs through each model's test module.
 """
 
 import torch
-from transformers import set_seed
+from transformers import ContinuousBatchingConfig, GenerationConfig, set_seed
 
 from acx_ramanujan.modeling_ramanujan import CACHE_NAME  # the installed release's name for the KV cache
 
 NEW_TOKENS = 5
+
+
+def generate_batch(model, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    """Greedy continuous batching (paged attention, the requests scheduled together): each prompt's new tokens, EOS
+    off. A pool of 8 pages and 64 tokens per step keeps the tiny models fast (the default sizes it from memory)."""
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                              pad_token_id=model.config.pad_token_id)
+    batching = ContinuousBatchingConfig(num_blocks=8, max_batch_tokens=64)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=batching)
+    by_prompt = {tuple(output.prompt_ids): output.generated_tokens for output in outputs.values()}
+    return [by_prompt[tuple(prompt)] for prompt in prompts]
 
 
 class GenerationTesterMixin:
@@ -146,3 +158,16 @@ class GenerationTesterMixin:
                 torch.testing.assert_close(
                     torch.stack(padded_out.scores), torch.stack(alone.scores), rtol=1e-4, atol=1e-4
                 )
+
+    def test_generate_batch_equals_generate(self):
+        """Continuous batching (`generate_batch`; what `transformers serve --continuous-batching` runs) hands the
+        forward a `PagedAttentionCache` and one flattened batch of prompts of different lengths: each gets the
+        greedy tokens `generate()` gives it alone."""
+        for model_class, model, input_ids in self._generation_setup():
+            with self.subTest(model_class.__name__):
+                prompts = [row[: len(row) - cut].tolist() for row, cut in zip(input_ids, (0, 3, 5))]
+                batched = generate_batch(model, prompts)
+                for prompt, tokens in zip(prompts, batched):
+                    alone = self._generate(model, torch.tensor([prompt]), return_dict_in_generate=False,
+                                           output_scores=False)
+                    self.assertEqual(tokens, alone[0, len(prompt):].tolist())

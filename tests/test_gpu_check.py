@@ -43,6 +43,21 @@ def test_training_throughput_reports_both_models():
         assert results[name]["tokens_per_s"] > 0 and 0 < results[name]["mfu_vs_measured_peak"]
 
 
+def test_continuous_batching_equals_generate():
+    results = gpu_check.continuous_batching("cpu", new_tokens=3)
+    assert set(results) == {f"{kind}/{label}" for kind in ("dense", "moe") for label in ("default", "cuda_graphs")}
+    assert all(result.get("tokens_equal") is True for result in results.values()), results
+
+
+def test_hub_kernels_report_what_from_pretrained_applied(kernels_on_a_fake_gpu):
+    """With kernels resolved as on a GPU (stand-ins that run the torch forward): ours got the kernels Llama got."""
+    results = gpu_check.hub_kernels("cpu")
+    assert results["same_kernels_as_llama"] is True, results
+    for name in ("ours", "ours_moe", "llama"):
+        assert results[name]["max_abs_logit_diff_vs_torch"] == 0.0
+    assert bool(results["ours"]["applied"]) == bool(results["llama"]["applied"]) == results["llama"]["use_kernels"]
+
+
 def test_cuda_request_without_cuda_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CPU-only machine reports
     assert gpu_check.main(["--device", "cuda"]) == 2

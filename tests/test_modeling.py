@@ -95,6 +95,28 @@ def test_parallel_plans_name_modules_that_exist(shape):
     assert set(layer_inputs) <= set(inspect.signature(model.model.layers[0].forward).parameters)
 
 
+def test_tensor_parallel_plan_applies_without_deprecation(tmp_path):
+    """Our TP plan, applied by Transformers' own `apply_tensor_parallelism` on a one-process gloo mesh (every shard
+    whole, so the logits must not change), warns about nothing: since 5.25 the expert styles (`moe_tp_experts`,
+    removed in 5.28) are deprecated, and the routed experts are replicated under TP as in Qwen3-MoE."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    model = build("moe", num_shared_experts=1, first_k_dense_layers=1)  # every kind of layer the plan has rules for
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        plan = model._expand_parallel_plan(model.tp_plan)
+        assert deprecation_messages(lambda: apply_tensor_parallelism(model, mesh, plan)) == []
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_token_id_out_of_range_is_named():
     model = build()
     with pytest.raises(ValueError, match=r"token id 300 .*vocab_size=259"):
@@ -449,22 +471,69 @@ def test_moe_drops_no_token_even_when_all_pick_one_expert():
 
 
 def test_load_balancing_loss_on_hand_made_logits():
-    # 4 tokens, 4 experts, top-2. Perfectly balanced: every expert chosen twice and mean prob 1/4 → loss 1.
+    # 4 tokens, 4 experts, top-2. Perfectly balanced: every expert chosen by half the tokens, mean prob 1/4 → loss
+    # E · Σ_e ½ · ¼ = 2 = k.
     balanced = torch.tensor(
         [[5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0], [5.0, 0.0, 5.0, 0.0], [0.0, 5.0, 0.0, 5.0]]
     )
-    assert load_balancing_loss((balanced,), top_k=2).item() == pytest.approx(1.0, rel=1e-6)
-    # Collapsed: every token picks experts 0 and 1 with prob p each; shares (1/2, 1/2, 0, 0).
+    assert load_balancing_loss((balanced,), top_k=2).item() == pytest.approx(2.0, rel=1e-6)
+    # Collapsed: every token picks experts 0 and 1 with prob p each: assignments per token (1, 1, 0, 0).
     collapsed = torch.tensor([[3.0, 3.0, 0.0, 0.0]] * 4)
     p = math.exp(3) / (2 * math.exp(3) + 2)
-    assert load_balancing_loss((collapsed,), top_k=2).item() == pytest.approx(4 * (0.5 * p + 0.5 * p), rel=1e-6)
+    q = 1 / (2 * math.exp(3) + 2)
+    assert load_balancing_loss((collapsed,), top_k=2).item() == pytest.approx(4 * (p + p), rel=1e-6)
     # Padding is left out: masking the collapsed rows of a mixed batch gives the balanced value.
     mixed = torch.cat([balanced, collapsed])
     mask = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
-    assert load_balancing_loss((mixed,), 2, mask).item() == pytest.approx(1.0, rel=1e-6)
-    # Layers are averaged.
+    assert load_balancing_loss((mixed,), 2, mask).item() == pytest.approx(2.0, rel=1e-6)
+    # Layers are pooled (Mixtral's form), not averaged: f = (¾, ¾, ¼, ¼), P = ((¼ + p)/2, ×2, (¼ + q)/2, ×2).
     both = load_balancing_loss((balanced, collapsed), 2).item()
-    assert both == pytest.approx((1.0 + 4 * p) / 2, rel=1e-6)
+    assert both == pytest.approx(3 * (0.25 + p) + (0.25 + q), rel=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_is_mixtrals(top_k, masked):
+    """Without a router bias, `load_balancing_loss` is Transformers' Mixtral `load_balancing_loss_func` (which
+    Qwen3-MoE uses): random logits of three layers, six experts, with and without a padding mask, several k."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    generator = torch.Generator().manual_seed(top_k)
+    logits = tuple(torch.randn(2 * 9, 6, generator=generator) for _ in range(3))
+    mask = (torch.rand(2, 9, generator=generator) > 0.3).long() if masked else None
+    ours = load_balancing_loss(logits, top_k, mask)
+    mixtral = load_balancing_loss_func(logits, num_experts=6, top_k=top_k, attention_mask=mask)
+    torch.testing.assert_close(ours, mixtral, rtol=1e-6, atol=1e-7)
+    biases = tuple(torch.zeros(6) for _ in logits)  # a zero balancing bias changes nothing
+    torch.testing.assert_close(load_balancing_loss(logits, top_k, mask, biases), mixtral, rtol=1e-6, atol=1e-7)
+
+
+def test_aux_loss_matches_qwen3_moes_on_its_own_router_logits_and_its_test():
+    """Qwen3-MoE's `aux_loss` on its own router logits is ours on the same logits, and our fresh model gives what
+    Qwen3-MoE's own test_load_balancing_loss expects of a fresh model: 2.0 at top-2 (rtol 1e-2), unchanged by masked
+    padding, changed by unmasked padding."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    ids = random_ids(2, 11)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    torch.manual_seed(0)
+    qwen = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=259, hidden_size=32, intermediate_size=64,
+                                              moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, num_experts=3, num_experts_per_tok=2,
+                                              output_router_logits=True)).eval()
+    out = qwen(ids, attention_mask=mask)
+    torch.testing.assert_close(load_balancing_loss(out.router_logits, 2, mask), out.aux_loss, rtol=1e-6, atol=1e-7)
+
+    model = build("moe", num_experts=3, num_experts_per_tok=2)
+    ours = model(ids, output_router_logits=True).aux_loss
+    torch.testing.assert_close(ours, torch.tensor(2.0), rtol=1e-2, atol=1e-2)
+    pad = model.config.pad_token_id
+    padded = torch.cat([torch.full((2, 50), pad), ids], dim=1)
+    padded_mask = torch.cat([torch.zeros(2, 50, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    torch.testing.assert_close(model(padded, attention_mask=padded_mask, output_router_logits=True).aux_loss, ours,
+                               rtol=1e-4, atol=1e-4)
+    assert model(padded, output_router_logits=True).aux_loss.item() != pytest.approx(ours.item(), abs=1e-4)
 
 
 def test_router_z_loss_on_hand_made_logits():

@@ -6,19 +6,24 @@ the same logits and gradients for dense and MoE models on a left-padded batch; (
 track fp32; (3) greedy generation with a static cache and a compiled forward gives the eager dynamic-cache tokens,
 and how fast; (4) one FSDP2 training step (`fully_shard` per decoder layer, then the root) equals the plain step;
 (5) training tokens/s and model FLOP utilization (MFU) against Transformers' Llama with the same shapes, against the
-GPU's measured bf16 matmul peak. `--device cpu --quick` runs every part that a CPU can (the test suite does), so a
-typo cannot waste the first GPU session. Results print as one JSON object (and go to `--output` if given).
+GPU's measured bf16 matmul peak; (6) continuous batching (`generate_batch`, also with CUDA graphs forced on) gives
+`generate()`'s greedy tokens, dense and MoE; (7) which Hub kernels `from_pretrained` applied to our layers and to
+Llama's, and how far the logits moved from the plain torch forward. `--device cpu --quick` runs every part that a
+CPU can (the test suite does), so a typo cannot waste the first GPU session. Results print as one JSON object (and
+go to `--output` if given).
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from statistics import median
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig, LlamaForCausalLM
 
 from ..files import write_json_atomically
 from ..configuration_ramanujan import RamanujanConfig
@@ -226,6 +231,76 @@ def training_throughput(device: str, width: int, layers: int, context: int, batc
     return results
 
 
+def continuous_batching(device: str, new_tokens: int) -> dict:
+    """Greedy `generate_batch` (paged attention, the prompts batched together) against `generate()` per prompt, dense
+    and MoE, with Transformers' default settings (CUDA graphs off with sdpa) and with CUDA graphs forced on (what
+    flash attention in half precision turns on by itself); on CPU the second is the first (no graph backend)."""
+    prompts = [list(b"To be, or not to be"), list(b"that is"), list(b"the question: whether 'tis nobler")]
+    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
+    results = {}
+    for kind in ("dense", "moe"):
+        torch.manual_seed(0)
+        model = RamanujanForCausalLM(tiny_config(kind == "moe", "sdpa")).to(device).eval()
+        expected = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False)
+            expected.append(out[0, len(prompt):].tolist())
+        for label, graphs in (("default", None), ("cuda_graphs", True)):
+            batching = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=128, use_cuda_graph=graphs)
+            try:
+                outputs = model.generate_batch(inputs=prompts, generation_config=generation,
+                                               continuous_batching_config=batching)
+                by_prompt = {tuple(output.prompt_ids): output.generated_tokens for output in outputs.values()}
+                results[f"{kind}/{label}"] = {"tokens_equal": [by_prompt[tuple(p)] for p in prompts] == expected}
+            except Exception as error:  # the error is the finding (issue 25: AttributeError on the first forward)
+                results[f"{kind}/{label}"] = {"error": first_line(error)}
+    return results
+
+
+def kernelized_layers(model: torch.nn.Module) -> dict[str, str]:
+    """{module class: Hub kernel layer} of each module (or an attention module's rotary function) whose forward Hub
+    kernelization replaced: what `kernels` records as the module's `_kernel_repo`."""
+    found = {}
+    for module in model.modules():
+        for owner in (module, *module.__dict__.get("_kernel_funcs", {}).values()):
+            repo = owner.__dict__.get("_kernel_repo")
+            if repo is not None:
+                found[type(owner).__name__ if owner is module else "rotary function"] = repo.layer_name
+    return found
+
+
+def hub_kernels(device: str) -> dict:
+    """Ours (dense, MoE) and Llama loaded with `from_pretrained` as a user would (Hub kernels on by default from
+    5.25): the kernels applied, and the max |Δ| of the logits against the same checkpoint with `use_kernels=False`."""
+    results = {"USE_HUB_KERNELS": os.environ.get("USE_HUB_KERNELS")}
+    torch.manual_seed(0)
+    dense = tiny_config(moe=False, attn_implementation="sdpa")
+    models = {"ours": RamanujanForCausalLM(dense), "ours_moe": RamanujanForCausalLM(tiny_config(moe=True)),
+              "llama": LlamaForCausalLM(target_config(dense))}
+    ids = torch.tensor([list(b"To be, or not to be")], device=device)
+    for name, model in models.items():
+        path = tempfile.mkdtemp(prefix=f"gpu_check_{name}_")
+        try:
+            model.save_pretrained(path)
+            kernelized = AutoModelForCausalLM.from_pretrained(path, device_map=device).eval()
+            plain = AutoModelForCausalLM.from_pretrained(path, device_map=device, use_kernels=False).eval()
+            with torch.no_grad():
+                diff = (kernelized(ids).logits - plain(ids).logits).abs().max().item()
+            results[name] = {"use_kernels": kernelized.use_kernels, "applied": kernelized_layers(kernelized),
+                             "max_abs_logit_diff_vs_torch": diff}
+        except Exception as error:  # e.g. the Hub unreachable: that is the finding
+            results[name] = {"error": first_line(error)}
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    if "applied" in results["ours"] and "applied" in results["llama"]:
+        results["same_kernels_as_llama"] = (sorted(results["ours"]["applied"].values())
+                                            == sorted(results["llama"]["applied"].values()))
+    return results
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m acx_ramanujan.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -252,6 +327,8 @@ def main(argv: list[str]) -> int:
         "fsdp_step": lambda: fsdp_step(args.device),
         "training_throughput": lambda: training_throughput(
             args.device, *((64, 2, 32, 2, 1) if quick else (1024, 12, 1024, 8, 10))),
+        "continuous_batching": lambda: continuous_batching(args.device, 4 if quick else 16),
+        "hub_kernels": lambda: hub_kernels(args.device),
     }
     for name, part in parts.items():
         start = time.perf_counter()
