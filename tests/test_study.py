@@ -283,22 +283,27 @@ def test_compare_init_learning_rate_grid_reports_best_and_transferred_rates(tmp_
     assert compare_init.main(argv) == 0
     out = tmp_path / "bench"
     names = sorted(path.name for path in (out / "runs").iterdir())
-    assert names == sorted(f"{layers}L-{variant}-lr{rate}-seed0" for layers in (1, 2) for variant in ("normal", "completep")
-                           for rate in ("0.001", "0.003"))
+    assert names == sorted(f"{layers}L-{variant}{rate}-seed0" for layers in (1, 2) for variant in ("normal", "completep")
+                           for rate in ("", "-lr0.003"))  # the default rate is not named
     recorded = json.loads((out / "runs" / "2L-completep-lr0.003-seed0" / "training_args.json").read_text())
     assert (recorded["learning_rate"], recorded["optimizer"], recorded["num_warmup_steps"], recorded["adam_beta2"]) == (
         3e-3, "muon", 1, 0.95)
     loss = {name: json.loads((out / "runs" / name / "all_results.json").read_text())["eval_loss"] for name in names}
     report = json.loads((out / "compare_init.json").read_text())
+    named = {1e-3: "", 3e-3: "-lr0.003"}
     for row in report["learning_rate_transfer"]:
-        at = {rate: loss[f"{row['layers']}L-{row['variant']}-lr{rate:g}-seed0"] for rate in (1e-3, 3e-3)}
-        base = {rate: loss[f"1L-{row['variant']}-lr{rate:g}-seed0"] for rate in (1e-3, 3e-3)}
+        at = {rate: loss[f"{row['layers']}L-{row['variant']}{named[rate]}-seed0"] for rate in named}
+        base = {rate: loss[f"1L-{row['variant']}{named[rate]}-seed0"] for rate in named}
         assert row["best_learning_rate"] == min(at, key=at.get) and row["best_eval_loss"] == min(at.values())
         assert row["transferred_learning_rate"] == min(base, key=base.get)
         assert row["transferred_eval_loss"] == at[row["transferred_learning_rate"]]
     markdown = (out / "compare_init.md").read_text()
     assert "## Learning rates" in markdown and "## Depth probes" in markdown
     assert {"compare_init_depth.png", "compare_init_residual.png", "compare_init_loss.png"} <= {p.name for p in out.iterdir()}
+    # the same comparison at the default rate alone reads its runs back: nothing is trained again
+    stamps = {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names}
+    assert compare_init.main([*argv, "--learning_rate", "1e-3"]) == 0
+    assert {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names} == stamps
 
 
 def test_compare_init_probes_each_run_once_from_its_initial_and_final_model(tmp_path, monkeypatch):
@@ -406,7 +411,6 @@ def test_compare_init_reuses_a_finished_run_only_with_the_same_settings(tmp_path
     assert (run / "all_results.json").stat().st_mtime_ns == stamp
     capsys.readouterr()
     changed = [
-        (["--learning_rate", "0.01"], "learning_rate=0.001, this comparison would use 0.01"),
         (["--max_train_steps", "4"], "max_train_steps=3, this comparison would use 4"),
         (["--block_size", "8"], "block_size=16"),
         (["--per_device_train_batch_size", "3"], "per_device_train_batch_size=2"),
@@ -421,6 +425,10 @@ def test_compare_init_reuses_a_finished_run_only_with_the_same_settings(tmp_path
         assert err.count("\n") == 1 and err.startswith("acx-rt compare-init: error: finished run ")
         assert str(run) in err and message in err and "another --output_dir or delete that run" in err
         assert (run / "all_results.json").stat().st_mtime_ns == stamp
+    # another learning rate is another run (its rate in its name), trained beside this one
+    assert compare_init.main([*argv, "--learning_rate", "0.01"]) == 0
+    assert (run.parent / "1L-ram-lr0.01-seed0" / "all_results.json").is_file()
+    assert (run / "all_results.json").stat().st_mtime_ns == stamp
     (run / "training_args.json").unlink()
     assert compare_init.main(argv) == 2
     assert "has no readable training_args.json" in capsys.readouterr().err

@@ -8,8 +8,8 @@ get the same model seed and the same data order (the pretraining code seeds both
 paired by seed. With several learning rates (`--learning_rates 5e-4,1e-3,2e-3`) every (layers, variant) is trained
 at each, and the report gives the best one per depth next to the one transferred from the smallest depth.
 
-Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>[-lr<lr>]-seed<k>/ (the learning rate only with several) and is
-reused when it already finished with the same settings (its training_args.json: preset, overrides, steps, learning
+Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>[-lr<lr>]-seed<k>/ (the learning rate only when it is not the
+default 1e-3, so that a grid reuses the runs of a comparison at the default rate) and is reused when it already finished with the same settings (its training_args.json: preset, overrides, steps, learning
 rate, optimizer, betas, warmup, batch, block size, seed; the training file is not recorded there), so an interrupted
 comparison picks up where it stopped; a finished run with other settings is refused before anything trains.
 Each finished run is probed once (depth_probes.json beside it, on the first validation blocks): residual-stream
@@ -45,10 +45,11 @@ from ..training.progress import METRICS_LOG
 from ..training.pretrain import build_config, pretrain, raw_text, training_arguments
 from .probes import layer_drop_losses, layer_gradient_norms, residual_rms_per_layer
 
+DEFAULT_LEARNING_RATE = 1e-3
 PROBES = "depth_probes.json"
 # Validation blocks the probes read (the first ones): enough for stable per-layer numbers, few enough that the
 # layer-drop probe's one forward per layer stays cheap at 128 layers.
-PROBE_BLOCKS = 8
+PROBE_BLOCKS = 4
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config_overrides", default="", help="overrides shared by every run (shape, etc.)")
     parser.add_argument("--train_file", default=None, help="training text (default: the pretraining default corpus)")
     parser.add_argument("--max_train_steps", type=int, required=True)
-    parser.add_argument("--learning_rate", "--learning_rates", dest="learning_rates", default="1e-3",
+    parser.add_argument("--learning_rate", "--learning_rates", dest="learning_rates", default=str(DEFAULT_LEARNING_RATE),
                         help="peak AdamW learning rate, or comma-separated rates: one run per rate")
     parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                         help="adamw: the study's recipe; muon: acx-rt train's (Muon for the decoder matrices)")
@@ -127,9 +128,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_finished_runs(args)
 
 
-def run_name(args: argparse.Namespace, layers: int, name: str, learning_rate: float, seed: int) -> str:
-    """<layers>L-<variant>[-lr<rate>]-seed<k>: the rate only when the comparison has several."""
-    rate = f"-lr{learning_rate:g}" if len(args.learning_rates) > 1 else ""
+def run_name(layers: int, name: str, learning_rate: float, seed: int) -> str:
+    """<layers>L-<variant>[-lr<rate>]-seed<k>: the rate only when it is not the default."""
+    rate = f"-lr{learning_rate:g}" if learning_rate != DEFAULT_LEARNING_RATE else ""
     return f"{layers}L-{name}{rate}-seed{seed}"
 
 
@@ -166,7 +167,7 @@ def planned_runs(args: argparse.Namespace):
         for name, overrides in args.variants.items():
             for learning_rate in args.learning_rates:
                 for seed in range(args.seeds):
-                    run_dir = args.output_dir / "runs" / run_name(args, layers, name, learning_rate, seed)
+                    run_dir = args.output_dir / "runs" / run_name(layers, name, learning_rate, seed)
                     yield PlannedRun(layers, name, overrides, learning_rate, seed, run_dir)
 
 
@@ -493,7 +494,7 @@ def main(argv: list[str]) -> int:
 
 def report(args: argparse.Namespace, argv: list[str], runs: dict) -> None:
     rows = summarize(args, runs)
-    records = {run_name(args, *key): {k: v for k, v in run.items() if k != "train_loss"} for key, run in runs.items()}
+    records = {run_name(*key): {k: v for k, v in run.items() if k != "train_loss"} for key, run in runs.items()}
     results = {"command": ["acx-rt", "compare-init", *argv], "variants": args.variants,
                "learning_rates": args.learning_rates, "summary": rows, "runs": records}
     if len(args.learning_rates) > 1:
