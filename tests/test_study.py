@@ -151,6 +151,16 @@ def test_verify_cli_writes_reports(tmp_path, text_corpus):
     assert {"verify.md", "verify_stacks.png", "verify_chains.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
+def test_verify_builds_the_deepnorm_scheme_with_post_norm_layers(tmp_path):
+    """Each post-norm layer ends with an RMSNorm of weight 1: the residual stream leaves every layer at RMS 1."""
+    argv = ["--depth", "4", "--schemes", "deepnorm,depth_scaled", "--hidden_size", "32", "--batch_size", "2",
+            "--seq_len", "16", "--no_chains", "--output_dir", str(tmp_path)]
+    assert verify.main(argv) == 0
+    stacks = json.loads((tmp_path / "verify.json").read_text())["stacks"]
+    assert stacks["deepnorm"]["residual_rms"][1:] == pytest.approx([1.0] * 4, rel=1e-3)
+    assert max(stacks["depth_scaled"]["residual_rms"]) < 0.5  # pre-norm: the stream stays near the embeddings' 0.02
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
