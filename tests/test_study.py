@@ -316,6 +316,14 @@ def test_compare_init_learning_rate_grid_reports_best_and_transferred_rates(tmp_
     assert {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names} == stamps
 
 
+def test_compare_init_trains_the_deepnorm_scheme_with_post_norm_layers(tmp_path):
+    assert compare_init.main(compare_argv(tmp_path, "--schemes", "deepnorm,normal", "--seeds", "1")) == 0
+    configs = {name: json.loads((tmp_path / "bench" / "runs" / f"1L-{name}-seed0" / "config.json").read_text())
+               for name in ("deepnorm", "normal")}
+    assert (configs["deepnorm"]["init_scheme"], configs["deepnorm"]["deepnorm"]) == ("deepnorm", True)
+    assert (configs["normal"]["init_scheme"], configs["normal"]["deepnorm"]) == ("normal", False)
+
+
 def test_compare_init_probes_each_run_once_from_its_initial_and_final_model(tmp_path, monkeypatch):
     """depth_probes.json: the init probe reads the model `pretrain` started from, the final one the saved model."""
     from acx_ramanujan.training import pretrain as pretrain_module

@@ -103,8 +103,9 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     variants = {}
-    if args.schemes:
-        variants.update({scheme: f"init_scheme={scheme}" for scheme in parse_name_list(args.schemes, INIT_SCHEMES, "init scheme")})
+    if args.schemes:  # the deepnorm scheme with DeepNet's post-norm layers, which it is written for (as acx-rt verify)
+        variants.update({scheme: f"init_scheme={scheme}" + (",deepnorm=true" if scheme == "deepnorm" else "")
+                         for scheme in parse_name_list(args.schemes, INIT_SCHEMES, "init scheme")})
     for spec in args.variant:
         name, sep, overrides = spec.partition(":")
         if not sep or not name.strip() or "=" not in overrides or "/" in name:
