@@ -402,7 +402,10 @@ class RamanujanDecoderLayer(GradientCheckpointingLayer):
     m is the depth parametrization's constant branch multiplier (1, and no multiplication, without one); under
     LayerNorm Scaling both norms' outputs are × 1/√(l+1). With `config.deepnorm` the block is DeepNet's post-norm
     one instead: x ← norm(α·x + attn(x)), then x ← norm(α·x + ffn(x)), α = (2L)^(1/4)
-    (`initialization_ramanujan.deepnorm_alpha`; torchscale's `DecoderLayer.residual_connection`).
+    (`initialization_ramanujan.deepnorm_alpha`; torchscale's `DecoderLayer.residual_connection`). The model keeps its
+    final norm there, which torchscale's post-norm decoder does not have (`layer_norm` is None unless
+    `decoder_normalize_before`): its input already has RMS 1 at init (the last layer's norm, weights 1), so there it
+    rescales the stream by 1 + O(rms_norm_eps); it keeps one layout (and checkpoint keys) for every config.
     """
 
     def __init__(self, config: RamanujanConfig, layer_idx: int):
