@@ -15,7 +15,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .initialization_ramanujan import INIT_SCHEMES
+from .initialization_ramanujan import DEPTH_PARAMETRIZATIONS, DEPTH_SCALED_INITS, INIT_SCHEMES
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -70,6 +70,16 @@ class RamanujanConfig(PreTrainedConfig):
     Ablation switches, to take the Ramanujan scheme apart: `embedding_init_scheme` / `lm_head_init_scheme`
     draw the embedding / untied head with another scheme's rule (None: `init_scheme`'s), and
     `ramanujan_layer_schedule=False` drops the per-layer multiplier (σ = gain/√fan_in in every layer).
+
+    Depth schemes (off by default; they compose with any `init_scheme` but the depth-scaled ones):
+    `depth_parametrization` "completep" or "depth_mup" multiplies every attention and MLP/MoE branch by
+    (L/L0)^-α (α = 1 or 1/2, L0 = `depth_base_layers`), draws output projections without depth scaling, and has
+    `acx-rt train` scale the decoder layers' learning rate by (L/L0)^(α−1) and AdamW's ε by (L/L0)^-α
+    (`initialization_ramanujan.residual_multiplier`, `hidden_optimizer_factors`). `layernorm_scaling` multiplies
+    the output of layer l's two pre-norms by 1/√(l+1) (and also drops the depth scaling of the init).
+    `deepnorm` makes every layer post-norm, x ← Norm(α·x + f(x)) with α = (2L)^(1/4) (DeepNet; pair it with
+    `init_scheme="deepnorm"`); `input_layernorm` then normalizes the attention sum and `post_attention_layernorm`
+    the MLP sum.
     """
 
     model_type = "ramanujan"
@@ -122,6 +132,14 @@ class RamanujanConfig(PreTrainedConfig):
     embedding_init_scheme: str | None = None
     lm_head_init_scheme: str | None = None
     ramanujan_layer_schedule: bool = True
+
+    # Depth schemes (docs/init-study.md; formulas and sources in initialization_ramanujan): a residual-branch
+    # multiplier (L/depth_base_layers)^-α with its optimizer rules ("completep": α = 1, "depth_mup": α = 1/2),
+    # LayerNorm Scaling of the pre-norms, and DeepNorm's post-norm residual.
+    depth_parametrization: str | None = None
+    depth_base_layers: int | None = None
+    layernorm_scaling: bool = False
+    deepnorm: bool = False
 
     def __post_init__(self, **kwargs):
         self._check_types()
@@ -204,7 +222,31 @@ class RamanujanConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and value not in INIT_SCHEMES:
                 raise ValueError(f"{name} {value!r} is unknown; valid: None or one of {', '.join(INIT_SCHEMES)}")
+        self._check_depth_schemes()
         self._check_rope_parameters()
+
+    def _check_depth_schemes(self):
+        """The depth fields, and the combinations that have no meaning: a base depth without a parametrization,
+        DeepNorm's post-norm with the pre-norm schemes, a depth-scaled init with the schemes that replace it."""
+        parametrization, base = self.depth_parametrization, self.depth_base_layers
+        if parametrization is not None and parametrization not in DEPTH_PARAMETRIZATIONS:
+            raise ValueError(f"depth_parametrization {parametrization!r} is unknown; valid: None or one of "
+                             f"{', '.join(DEPTH_PARAMETRIZATIONS)}")
+        if parametrization is not None and base is None:
+            raise ValueError(f"depth_parametrization={parametrization!r} needs depth_base_layers (L0: the depth at "
+                             "which the branch multiplier is 1 and the learning rate is the recipe's)")
+        if parametrization is None and base is not None:
+            raise ValueError(f"depth_base_layers ({base}) applies only with a depth_parametrization")
+        if base is not None and base <= 0:
+            raise ValueError(f"depth_base_layers must be a positive integer, got {base}")
+        replacing = [name for name, on in (("depth_parametrization", parametrization is not None),
+                                           ("layernorm_scaling", self.layernorm_scaling)) if on]
+        if self.deepnorm and replacing:
+            raise ValueError(f"deepnorm=True (post-norm layers) does not combine with {replacing[0]}, a scheme "
+                             "for pre-norm layers")
+        if self.init_scheme in DEPTH_SCALED_INITS and replacing:
+            raise ValueError(f"init_scheme {self.init_scheme!r} scales the init with depth, which {replacing[0]} "
+                             "replaces; pick another init_scheme")
 
     def _check_float_ranges(self):
         """Every float field finite (NaN and inf are refused) and within its range."""

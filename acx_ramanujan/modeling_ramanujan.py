@@ -3,7 +3,8 @@
 A pre-norm Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU) with an optional dropless top-k
 mixture of experts. Attention runs through Transformers' attention interface (eager, sdpa, flash, flex),
 masks through `masking_utils`, the KV cache through `cache_utils`. What is ours: the per-layer weight
-initialization (`initialization_ramanujan`) and the seed's per-layer attention temperature.
+initialization (`initialization_ramanujan`), the seed's per-layer attention temperature, and the depth schemes
+(a constant residual-branch multiplier, LayerNorm Scaling, DeepNorm's post-norm layers).
 """
 
 import functools
@@ -40,7 +41,15 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ramanujan import RamanujanConfig
-from .initialization_ramanujan import OUTPUT_PROJECTIONS, attention_scaling, scheme_for_role, weight_std
+from .initialization_ramanujan import (
+    OUTPUT_PROJECTIONS,
+    attention_scaling,
+    deepnorm_alpha,
+    layernorm_scale,
+    residual_multiplier,
+    scheme_for_role,
+    weight_std,
+)
 
 # Transformers 5.24 renamed the KV cache `past_key_values` → `cache` everywhere at once: `generate()` passes `cache=`,
 # outputs carry `.cache`, `create_causal_mask` and `GradientCheckpointingLayer` read `cache`. Earlier 5.x releases
@@ -75,7 +84,8 @@ def accepts_past_key_values(forward: Callable) -> Callable:
 class RamanujanRMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): weight · x·rsqrt(mean(x²) + ε), normalized in float32 and cast back before the
     weight, as Llama's. Same math, attributes and forward signature as `LlamaRMSNorm`, so it carries Llama's Hub-kernel
-    name: where `from_pretrained` applies Hub kernels (5.25+, `kernels` installed), Llama's fused kernel replaces it."""
+    name: where `from_pretrained` applies Hub kernels (5.25+, `kernels` installed), Llama's fused kernel replaces it.
+    (So nothing else may live here: LayerNorm Scaling's factor is applied by the decoder layer, not by the norm.)"""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -406,7 +416,16 @@ def router_biases(model: nn.Module) -> tuple[torch.Tensor, ...]:
 
 
 class RamanujanDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); the ffn is an MLP or an MoE block."""
+    """Pre-norm block: x + m·attn(norm(x)), then x + m·ffn(norm(x)); the ffn is an MLP or an MoE block.
+
+    m is the depth parametrization's constant branch multiplier (1, and no multiplication, without one); under
+    LayerNorm Scaling both norms' outputs are × 1/√(l+1). With `config.deepnorm` the block is DeepNet's post-norm
+    one instead: x ← norm(α·x + attn(x)), then x ← norm(α·x + ffn(x)), α = (2L)^(1/4)
+    (`initialization_ramanujan.deepnorm_alpha`; torchscale's `DecoderLayer.residual_connection`). The model keeps its
+    final norm there, which torchscale's post-norm decoder does not have (`layer_norm` is None unless
+    `decoder_normalize_before`): its input already has RMS 1 at init (the last layer's norm, weights 1), so there it
+    rescales the stream by 1 + O(rms_norm_eps); it keeps one layout (and checkpoint keys) for every config.
+    """
 
     def __init__(self, config: RamanujanConfig, layer_idx: int):
         super().__init__()
@@ -418,6 +437,10 @@ class RamanujanDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RamanujanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layer_idx = layer_idx
+        scale = layernorm_scale(config, layer_idx)
+        self.norm_scale = None if scale == 1.0 else scale
+        self.branch_multiplier = residual_multiplier(config)
+        self.deepnorm_alpha = deepnorm_alpha(config.num_hidden_layers) if config.deepnorm else None
 
     @accepts_past_key_values  # the model passes the cache as CACHE_NAME: the name gradient checkpointing drops
     def forward(
@@ -428,16 +451,23 @@ class RamanujanDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            cache=cache,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        def attention(inputs: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(inputs, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                                  cache=cache, **kwargs)[0]
+
+        if self.deepnorm_alpha is not None:
+            hidden_states = self.input_layernorm(self.deepnorm_alpha * hidden_states + attention(hidden_states))
+            return self.post_attention_layernorm(self.deepnorm_alpha * hidden_states + self.mlp(hidden_states))
+        hidden_states = hidden_states + self.branch(attention(self.scaled(self.input_layernorm(hidden_states))))
+        return hidden_states + self.branch(self.mlp(self.scaled(self.post_attention_layernorm(hidden_states))))
+
+    def scaled(self, normed: torch.Tensor) -> torch.Tensor:
+        """A pre-norm's output as the branch reads it: × LayerNorm Scaling's 1/√(l+1), if on."""
+        return normed if self.norm_scale is None else self.norm_scale * normed
+
+    def branch(self, output: torch.Tensor) -> torch.Tensor:
+        """A branch's output as it joins the residual stream: × the depth parametrization's multiplier, if any."""
+        return output if self.branch_multiplier is None else self.branch_multiplier * output
 
 
 class RamanujanPreTrainedModel(PreTrainedModel):
@@ -517,7 +547,13 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         # resize_token_embeddings has just made.
         role, layer = self.weight_roles.get(module, ("lm_head", None))
         if isinstance(module, RamanujanExperts):
-            fill(module.gate_up_proj, "linear", module.hidden_dim, module.intermediate_dim, layer)
+            fill(module.gate_up_proj, "gate_projection", module.hidden_dim, module.intermediate_dim, layer)
+            # The up half, where its rule differs from the gate's (depth_scaled, deepnorm): the same draw rescaled,
+            # which keeps the random stream, and every other scheme's weights, as they were.
+            up_std = weight_std(config, "up_projection", module.hidden_dim, module.intermediate_dim, layer)
+            gate_std = weight_std(config, "gate_projection", module.hidden_dim, module.intermediate_dim, layer)
+            if up_std != gate_std and not getattr(module.gate_up_proj, "_is_hf_initialized", False):
+                module.gate_up_proj[:, module.intermediate_dim :].mul_(up_std / gate_std)
             fill(module.down_proj, "output_projection", module.intermediate_dim, module.hidden_dim, layer)
         elif isinstance(module, nn.Linear):
             if module is self.get_output_embeddings() and config.tie_word_embeddings:
@@ -539,17 +575,24 @@ class RamanujanPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
+# Decoder linears whose role is not "linear", by the end of their name (the output projections: OUTPUT_PROJECTIONS).
+PROJECTION_ROLES = {"v_proj": "value_projection", "gate_proj": "gate_projection", "up_proj": "up_projection",
+                    **{name: "output_projection" for name in OUTPUT_PROJECTIONS}}
+
+
 def weight_roles(model: nn.Module) -> dict[nn.Module, tuple[str, int]]:
     """(role for `weight_std`, decoder layer) of each weight-holding module of the decoder layers, read from its name
-    the way nanoGPT finds its `c_proj`: the router; the output projections (`o_proj`, `down_proj`, expert
-    `down_proj`), which write into the residual stream; every other linear or fused expert weight."""
+    the way nanoGPT finds its `c_proj`: the router; v_proj, gate_proj and up_proj; the output projections (`o_proj`,
+    `down_proj`), which write into the residual stream; q_proj and k_proj ("linear"). The fused experts are tagged
+    by their module ("linear"): `_init_weights` draws their two tensors by role."""
     roles = {}
     for layer in (module for module in model.modules() if isinstance(module, RamanujanDecoderLayer)):
         for name, module in layer.named_modules():
             if isinstance(module, RamanujanRouter):
                 roles[module] = ("router", layer.layer_idx)
             elif isinstance(module, (nn.Linear, RamanujanExperts)):
-                roles[module] = ("output_projection" if name.endswith(OUTPUT_PROJECTIONS) else "linear", layer.layer_idx)
+                role = next((role for end, role in PROJECTION_ROLES.items() if name.endswith(end)), "linear")
+                roles[module] = (role, layer.layer_idx)
     return roles
 
 

@@ -130,6 +130,25 @@ def test_moe_with_past_generates_like_generate(tmp_path, capsys):
     assert (torch.stack(step_logits, 1) - torch.stack(expected.logits, 1)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True),
+    dict(deepnorm=True, init_scheme="deepnorm"),
+])
+def test_depth_scheme_graphs_match_eager_pytorch(tmp_path, overrides):
+    """The ONNX export traces our own forward: a branch multiplier, LayerNorm Scaling and DeepNorm's post-norm layers
+    are in the graph (the export's own check passed) and agree with eager PyTorch on another batch."""
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", tiny_config(num_hidden_layers=3, **overrides))
+    output_dir = tmp_path / "onnx"
+    assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]) == 0
+    session = onnxruntime.InferenceSession(str(output_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    reference = RamanujanForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    input_ids, attention_mask = left_padded(3, 17, reference.config.pad_token_id, seed=6)
+    (logits,) = session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (torch.from_numpy(logits) - expected)[attention_mask.bool()].abs().max() < 1e-4
+
+
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
     checkpoint = save_checkpoint(tmp_path / "checkpoint", tiny_config())
     output_dir = tmp_path / "onnx"

@@ -72,6 +72,7 @@ def test_file_holds_the_llama_architecture_and_the_byte_vocabulary(tmp_path):
         (dict(num_experts=4, num_shared_experts=1), "maps to Ernie4_5_MoeForCausalLM (shared experts, leading dense layers"),
         (dict(num_experts=4, norm_topk_prob=False), "norm_topk_prob=False has no exact in-library equivalent"),
         (dict(vocab_size=320), "the tokenizer has 259 tokens and the model vocab_size 320"),
+        (dict(deepnorm=True, init_scheme="deepnorm"), "--format gguf: deepnorm=True (post-norm layers"),
     ],
 )
 def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, capsys, overrides, message):
@@ -80,6 +81,39 @@ def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, capsys, overrides,
     assert export.main(["--checkpoint", str(checkpoint), "--format", "gguf", "--output_dir", str(output_dir)]) == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not output_dir.exists()
+
+
+DEPTH_SCHEMES = dict(depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True)
+
+
+@pytest.mark.parametrize("overrides", [dict(attention_scale_alpha=0.3), dict(attention_scale_alpha=0.3, **DEPTH_SCHEMES)])
+def test_f32_file_read_by_transformers_gives_our_logits(tmp_path, overrides):
+    """Transformers' own GGUF reader (dense llama files: it undoes llama.cpp's q/k row order) as a second consumer of
+    the file, where llama.cpp is not installed: the depth schemes' factors are folded into the written weights."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint, path = export_file(tmp_path, tiny_config(num_hidden_layers=3, **overrides), "f32")
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = RamanujanForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    input_ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        difference = (theirs(input_ids).logits - model(input_ids).logits).abs().max().item()
+    assert type(theirs).__name__ == "LlamaForCausalLM" and difference < 1e-5
+
+
+def test_moe_experts_carry_the_folded_branch_multiplier(tmp_path):
+    config = tiny_moe_config(num_hidden_layers=2, depth_parametrization="depth_mup", depth_base_layers=1)
+    checkpoint, path = export_file(tmp_path, config, "f32")
+    ours = RamanujanForCausalLM.from_pretrained(checkpoint).state_dict()
+    tensors = {tensor.name: torch.from_numpy(np.array(tensor.data)) for tensor in gguf.GGUFReader(path).tensors}
+    m = 2 ** -0.5  # depth-μP at L/L0 = 2
+    for layer in range(2):
+        torch.testing.assert_close(tensors[f"blk.{layer}.ffn_down_exps.weight"],
+                                   ours[f"model.layers.{layer}.mlp.experts.down_proj"] * m)
+        torch.testing.assert_close(tensors[f"blk.{layer}.attn_output.weight"],
+                                   ours[f"model.layers.{layer}.self_attn.o_proj.weight"] * m)
+        gate, up = ours[f"model.layers.{layer}.mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        assert torch.equal(tensors[f"blk.{layer}.ffn_up_exps.weight"], up)
 
 
 # --- in llama.cpp -----------------------------------------------------------------------------------------------
@@ -116,6 +150,8 @@ def ours(checkpoint, prompts):
         ("linear_rope", tiny_config(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0}),
          "f32", 1e-3),
         ("moe_as_mixtral", tiny_moe_config(attention_scale_alpha=0.5), "f32", 1e-3),
+        ("dense_depth_schemes", tiny_config(num_hidden_layers=3, **DEPTH_SCHEMES), "f32", 1e-3),
+        ("moe_depth_schemes", tiny_moe_config(num_hidden_layers=3, **DEPTH_SCHEMES), "f32", 1e-3),
         ("bpe_tokenizer", None, "f32", 1e-3),
         ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "q8_0", None),
     ],

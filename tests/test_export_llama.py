@@ -75,12 +75,24 @@ def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
         ("moe_shared_and_dense_as_ernie", dict(
             num_experts=4, num_shared_experts=2, first_k_dense_layers=1, num_hidden_layers=3, attention_scale_alpha=0.5,
         )),
+        # the depth schemes fold into o_proj / down_proj (experts and shared experts too) and the norm weights
+        ("dense_completep_layernorm_scaling", dict(
+            num_hidden_layers=3, depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True,
+            init_scheme="ramanujan",
+        )),
+        ("moe_depth_mup_as_mixtral", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                          depth_parametrization="depth_mup", depth_base_layers=1)),
+        ("moe_shared_completep_as_ernie", dict(
+            num_experts=4, num_shared_experts=1, first_k_dense_layers=1, num_hidden_layers=3,
+            depth_parametrization="completep", depth_base_layers=2, layernorm_scaling=True,
+        )),
     ],
 )
 def test_loads_as_a_transformers_class_without_our_package(tmp_path, name, overrides):
     config = tiny_moe_config(**overrides) if "num_experts" in overrides else tiny_config(**overrides)
     _, child = export_and_load_elsewhere(tmp_path, config)
-    expected_class = {"moe_as_mixtral": "MixtralForCausalLM", "moe_shared_and_dense_as_ernie": "Ernie4_5_MoeForCausalLM"}
+    expected_class = {"moe_as_mixtral": "MixtralForCausalLM", "moe_shared_and_dense_as_ernie": "Ernie4_5_MoeForCausalLM",
+                      "moe_depth_mup_as_mixtral": "MixtralForCausalLM", "moe_shared_completep_as_ernie": "Ernie4_5_MoeForCausalLM"}
     assert child["class"] == expected_class.get(name, "LlamaForCausalLM")
     assert child["logit_difference"] < 1e-5
     assert child["same_greedy"]
@@ -102,6 +114,24 @@ def test_attention_temperature_is_folded_into_q_proj(tmp_path):
         name = f"model.layers.{layer}.self_attn."
         torch.testing.assert_close(weights[name + "q_proj.weight"], ours[name + "q_proj.weight"] * factor)
         assert torch.equal(weights[name + "k_proj.weight"], ours[name + "k_proj.weight"])
+
+
+def test_branch_multiplier_and_layernorm_scaling_are_folded_into_the_weights(tmp_path):
+    """CompleteP at L/L0 = 3: o_proj and down_proj × 1/3; LayerNorm Scaling: layer l's two norm weights × 1/√(l+1)."""
+    config = tiny_config(num_hidden_layers=3, depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True)
+    model, child = export_and_load_elsewhere(tmp_path, config)
+    weights = load_file(child["output_dir"] / "model.safetensors")
+    ours = model.state_dict()
+    for layer in range(3):
+        name = f"model.layers.{layer}."
+        for projection in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            torch.testing.assert_close(weights[name + projection], ours[name + projection] / 3)
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            torch.testing.assert_close(weights[name + norm], ours[name + norm] / (layer + 1) ** 0.5)
+        for unchanged in ("self_attn.v_proj.weight", "mlp.up_proj.weight"):
+            assert torch.equal(weights[name + unchanged], ours[name + unchanged])
+    assert torch.equal(weights["model.norm.weight"], ours["model.norm.weight"])
+    assert "folded the same way" in (child["output_dir"] / "README.md").read_text()
 
 
 def test_byte_tokenizer_survives_as_a_fast_tokenizer(tmp_path):
@@ -130,17 +160,20 @@ def test_trained_bpe_tokenizer_is_carried_over(tmp_path):
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (dict(norm_topk_prob=False), "norm_topk_prob=False"),
-        (dict(norm_topk_prob=False, num_shared_experts=1), "norm_topk_prob=False"),
+        (dict(norm_topk_prob=False), "norm_topk_prob=False has no exact in-library equivalent"),
+        (dict(norm_topk_prob=False, num_shared_experts=1), "norm_topk_prob=False has no exact in-library equivalent"),
+        (dict(deepnorm=True, init_scheme="deepnorm"), "deepnorm=True (post-norm layers, x ← norm(α·x + f(x))) has no "
+                                                      "Llama, Mixtral or ERNIE equivalent"),
+        (dict(num_experts=0, deepnorm=True), "deepnorm=True (post-norm layers"),
     ],
 )
-def test_moe_without_an_exact_transformers_class_is_refused(tmp_path, capsys, overrides, field):
+def test_models_without_an_exact_transformers_class_are_refused(tmp_path, capsys, overrides, field):
     checkpoint = tmp_path / "checkpoint"
     RamanujanForCausalLM(tiny_moe_config(**overrides)).save_pretrained(checkpoint)
     output_dir = tmp_path / "llama"
     assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"acx-rt export: error: --format llama: {field} has no exact in-library equivalent")
+    assert err[-1].startswith(f"acx-rt export: error: --format llama: {field}")
     assert not output_dir.exists()
 
 

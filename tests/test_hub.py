@@ -26,6 +26,7 @@ from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, train_bp
 from acx_ramanujan.cli import main as acx_rt
 from acx_ramanujan.hub import push_to_hub
 from acx_ramanujan.cards import write_model_card
+from acx_ramanujan.initialization_ramanujan import weight_std
 
 TOKEN = "hf_emulator_write_token"
 PROMPT = "To be, or not"
@@ -364,8 +365,30 @@ def test_hub_card_metadata_parses_and_states_measured_results(tmp_path):
     rows = card_table(card.text, "| Layer | Block |")
     scales = ramanujan_scales_closed_form(3)
     assert [float(row[2]) for row in rows] == pytest.approx(scales, abs=1e-4)
-    # q/k/v std = gain · scale(l) / √fan_in (the seed's formula), fan_in = hidden_size
+    # q/k and v std = gain · scale(l) / √fan_in (the seed's formula), fan_in = hidden_size
+    assert [float(row[4]) for row in rows] == [float(row[3]) for row in rows]
     assert [float(row[3]) for row in rows] == pytest.approx([s / math.sqrt(config.hidden_size) for s in scales], rel=1e-3)
+
+
+@pytest.mark.parametrize("overrides, schemes", [
+    (dict(init_scheme="deepnorm", deepnorm=True), ["DeepNorm post-norm layers: x ← norm(1.565·x + f(x))"]),
+    (dict(init_scheme="depth_scaled"), []),
+    (dict(depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True),
+     ["completep: every attention and MLP branch × 0.3333 (L0 = 1)",
+      "LayerNorm Scaling: the pre-norms of layer l (from 1) × 1/√l"]),
+])
+def test_hub_card_states_the_depth_schemes_and_each_projections_std(tmp_path, overrides, schemes):
+    config = tiny_config(num_hidden_layers=3, **overrides)
+    card = ModelCard.load(write_model_card(tmp_path, config, eval_results={}, training={}))
+    depth_rows = [line for line in card.text.splitlines() if line.startswith("| Depth scheme |")]
+    assert depth_rows == [f"| Depth scheme | {scheme} |" for scheme in schemes]
+    # columns: q/k, v, o_proj, gate, up; (fan_in, fan_out) at width 32 with 4 heads of 8, 2 kv heads, SwiGLU 64
+    columns = {3: ("linear", 32, 32), 4: ("value_projection", 32, 16), 5: ("output_projection", 32, 32),
+               6: ("gate_projection", 32, 64), 7: ("up_projection", 32, 64)}
+    for row in card_table(card.text, "| Layer | Block |"):
+        for column, (role, fan_in, fan_out) in columns.items():
+            std = weight_std(config, role, fan_in, fan_out, int(row[0]))
+            assert float(row[column]) == pytest.approx(std, rel=1e-3), (row[0], role)
 
 
 def test_hub_card_for_moe_and_for_a_run_that_recorded_nothing(tmp_path):
@@ -378,9 +401,9 @@ def test_hub_card_for_moe_and_for_a_run_that_recorded_nothing(tmp_path):
     assert "top 2 of 4 experts" in card.text
     rows = card_table(card.text, "| Layer | Block |")
     assert [row[1] for row in rows] == ["dense", "MoE"]
-    assert rows[0][7] == "—" and float(rows[1][7]) == pytest.approx(config.initializer_range)  # router std, MoE layer only
+    assert rows[0][9] == "—" and float(rows[1][9]) == pytest.approx(config.initializer_range)  # router std, MoE layer only
     # xavier: √(2 / (fan_in + fan_out)) for the expert up-projection (hidden → moe_intermediate_size)
-    assert float(rows[1][5]) == pytest.approx(math.sqrt(2 / (config.hidden_size + config.moe_intermediate_size)), rel=1e-3)
+    assert float(rows[1][7]) == pytest.approx(math.sqrt(2 / (config.hidden_size + config.moe_intermediate_size)), rel=1e-3)
 
 
 MODEL_REPO_FILES = {"config.json", "generation_config.json", "model.safetensors", "configuration_ramanujan.py",

@@ -148,6 +148,64 @@ def test_every_optimizer_follows_the_same_schedule_relative_to_its_peak():
     assert min(adamw[5:]) > 0.1 and optimizers[0].param_groups[0]["lr"] / peaks[0] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_depth_parametrization_scales_the_decoder_layers_learning_rate_and_epsilon(optimizer):
+    """depth-μP at L/L0 = 4: the decoder layers' AdamW groups (and Muon) at lr × 1/2 and ε × 1/2 (hidden_optimizer_factors),
+    the rest at the base values, through the whole schedule; a step equals torch's AdamW with those values."""
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM(RamanujanConfig.from_preset(
+        "tiny-moe", **{**SHAPE, "num_hidden_layers": 4}, num_experts=4, moe_intermediate_size=32,
+        depth_parametrization="depth_mup", depth_base_layers=1))
+    args = training_arguments(max_train_steps=20, optimizer=optimizer, warmup_ratio=0.25)
+    optimizers = make_optimizers(model, args)
+    adamw = optimizers[0]
+    hidden = {name for name, _ in model.named_parameters() if ".layers." in name}
+    for group in adamw.param_groups:
+        names = optimizer_names_of(model, group["params"])
+        inside = names <= hidden
+        assert inside or not names & hidden  # a group is all decoder-layer parameters or none
+        assert group["lr"] == pytest.approx(args.learning_rate * (0.5 if inside else 1))
+        assert group["eps"] == pytest.approx(1e-8 * (0.5 if inside else 1))
+        assert group["weight_decay"] == (args.weight_decay if all(p.ndim >= 2 for p in group["params"]) else 0.0)
+    assert adamw.param_groups[0]["lr"] == args.learning_rate  # the logged learning rate is the base one
+    assert set().union(*(optimizer_names(model, o) for o in optimizers[1:])) <= hidden
+    for muon in optimizers[1:]:
+        assert muon.param_groups[0]["lr"] == pytest.approx(args.muon_learning_rate * 0.5)
+
+    peaks = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
+    schedulers = make_schedulers(args, optimizers)
+    shares = []
+    for _ in range(20):  # every group at the same share of its own peak: warmup to 1, then the cosine down
+        step_shares = {group["lr"] / peak for opt, opt_peaks in zip(optimizers, peaks)
+                       for group, peak in zip(opt.param_groups, opt_peaks)}
+        assert max(step_shares) - min(step_shares) < 1e-12
+        shares.append(step_shares.pop())
+        for opt, scheduler in zip(optimizers, schedulers):
+            opt.step()
+            scheduler.step()
+    assert shares[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]) and shares[-1] < 0.2
+
+    # One AdamW step on a decoder weight is torch's AdamW with lr × 1/2, ε × 1/2, from the same state.
+    weight = model.model.layers[2].post_attention_layernorm.weight
+    start, grad = weight.detach().clone(), torch.randn_like(weight)
+    reference = torch.nn.Parameter(start.clone())
+    lr = next(group["lr"] for group in adamw.param_groups if any(p is weight for p in group["params"]))
+    expected = torch.optim.AdamW([reference], lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=0.5e-8,
+                                 weight_decay=0.0)
+    for opt in optimizers:
+        opt.zero_grad()
+    adamw.state.clear()
+    weight.grad, reference.grad = grad.clone(), grad.clone()
+    adamw.step()
+    expected.step()
+    assert torch.equal(weight.detach(), reference.detach()) and not torch.equal(weight.detach(), start)
+
+
+def optimizer_names_of(model, params) -> set[str]:
+    ids = {id(param) for param in params}
+    return {name for name, param in model.named_parameters() if id(param) in ids}
+
+
 def test_random_windows_are_slices_of_the_stream_fixed_by_seed_and_row():
     stream = torch.arange(10_000)
     windows = RandomWindows(stream, 64, 5000, seed=7)

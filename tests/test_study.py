@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_moe_config
 
-from acx_ramanujan import RamanujanForCausalLM
+from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM
 from acx_ramanujan.initialization_ramanujan import ramanujan_schedule, weight_std
 from acx_ramanujan.study import compare_init, verify, visualize
 from acx_ramanujan.study.chains import (
@@ -19,7 +19,9 @@ from acx_ramanujan.study.probes import (
     attention_maps,
     byte_token_batch,
     expert_load_per_layer,
+    layer_drop_losses,
     layer_gradient_norms,
+    lm_loss,
     residual_rms_per_layer,
     residual_stream,
 )
@@ -110,6 +112,34 @@ def test_gradient_norms_are_per_layer_norms_of_the_lm_loss_gradient():
     assert norms[1] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("make", [tiny_config, lambda **kw: tiny_moe_config(num_shared_experts=1, **kw)])
+def test_skipping_a_layer_is_zeroing_its_branches(make):
+    """A pre-norm layer whose o_proj and down_proj are zero adds nothing to the residual stream: the loss without
+    layer l equals the loss of a copy whose layer l has those weights zeroed."""
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM(make(num_hidden_layers=3)).eval()
+    input_ids = byte_token_batch(None, 2, 16, 259, seed=0)
+    loss, dropped = layer_drop_losses(model, input_ids)
+    assert len(model.model.layers) == 3 and loss == lm_loss(model, input_ids)  # the layers are put back
+    for layer in range(3):
+        copy = RamanujanForCausalLM(model.config).eval()
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        for name in state:
+            if name.startswith(f"model.layers.{layer}.") and ("o_proj" in name or "down_proj" in name):
+                state[name].zero_()
+        copy.load_state_dict(state)
+        assert dropped[layer] == pytest.approx(lm_loss(copy, input_ids), abs=1e-6)
+    assert len(set(dropped)) == 3 and loss not in dropped
+
+
+def test_lm_loss_is_the_models_own_loss():
+    torch.manual_seed(0)
+    model = RamanujanForCausalLM(tiny_config()).eval()
+    input_ids = byte_token_batch(None, 3, 20, 259, seed=2)
+    with torch.no_grad():
+        assert lm_loss(model, input_ids) == pytest.approx(model(input_ids=input_ids, labels=input_ids).loss.item(), rel=1e-6)
+
+
 def test_verify_cli_writes_reports(tmp_path, text_corpus):
     argv = ["--depth", "3", "--schemes", "ramanujan,xavier", "--hidden_size", "32", "--text_file", str(text_corpus),
             "--batch_size", "2", "--seq_len", "16", "--chain_width", "32", "--chain_batch", "8", "--output_dir", str(tmp_path)]
@@ -119,6 +149,16 @@ def test_verify_cli_writes_reports(tmp_path, text_corpus):
     assert len(report["stacks"]["xavier"]["residual_rms"]) == 4 and len(report["stacks"]["xavier"]["grad_norm"]) == 3
     assert report["chains"]["linear"]["xavier"]["closed_form_log10"] == pytest.approx([0.0] * 4)
     assert {"verify.md", "verify_stacks.png", "verify_chains.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_verify_builds_the_deepnorm_scheme_with_post_norm_layers(tmp_path):
+    """Each post-norm layer ends with an RMSNorm of weight 1: the residual stream leaves every layer at RMS 1."""
+    argv = ["--depth", "4", "--schemes", "deepnorm,depth_scaled", "--hidden_size", "32", "--batch_size", "2",
+            "--seq_len", "16", "--no_chains", "--output_dir", str(tmp_path)]
+    assert verify.main(argv) == 0
+    stacks = json.loads((tmp_path / "verify.json").read_text())["stacks"]
+    assert stacks["deepnorm"]["residual_rms"][1:] == pytest.approx([1.0] * 4, rel=1e-3)
+    assert max(stacks["depth_scaled"]["residual_rms"]) < 0.5  # pre-norm: the stream stays near the embeddings' 0.02
 
 
 @pytest.mark.parametrize(
@@ -240,6 +280,94 @@ def test_compare_init_trains_the_studys_fp32_recipe_on_any_hardware(tmp_path, mo
     assert compare_init.main(compare_argv(tmp_path, "--schemes", "normal", "--seeds", "1")) == 0
     recorded = json.loads((tmp_path / "bench" / "runs" / "1L-normal-seed0" / "training_args.json").read_text())
     assert (recorded["mixed_precision"], recorded["optimizer"], recorded["sampling"]) == ("no", "adamw", "epochs")
+    # and, by default, the rest of the recipe docs/init-study.md measured: no warmup, cosine to 0, betas (0.9, 0.999)
+    assert (recorded["num_warmup_steps"], recorded["lr_scheduler_type"], recorded["adam_beta1"], recorded["adam_beta2"],
+            recorded["learning_rate"], recorded["weight_decay"], recorded["max_grad_norm"]) == (
+        0, "cosine", 0.9, 0.999, 1e-3, 0.1, 1.0)
+
+
+def test_compare_init_learning_rate_grid_reports_best_and_transferred_rates(tmp_path):
+    argv = compare_argv(tmp_path, "--depths", "1,2", "--seeds", "1", "--learning_rates", "1e-3,3e-3", "--schemes",
+                        "normal", "--variant", "completep:depth_parametrization=completep,depth_base_layers=1",
+                        "--optimizer", "muon", "--warmup_ratio", "0.34", "--adam_beta2", "0.95")
+    assert compare_init.main(argv) == 0
+    out = tmp_path / "bench"
+    names = sorted(path.name for path in (out / "runs").iterdir())
+    assert names == sorted(f"{layers}L-{variant}{rate}-seed0" for layers in (1, 2) for variant in ("normal", "completep")
+                           for rate in ("", "-lr0.003"))  # the default rate is not named
+    recorded = json.loads((out / "runs" / "2L-completep-lr0.003-seed0" / "training_args.json").read_text())
+    assert (recorded["learning_rate"], recorded["optimizer"], recorded["num_warmup_steps"], recorded["adam_beta2"]) == (
+        3e-3, "muon", 1, 0.95)
+    loss = {name: json.loads((out / "runs" / name / "all_results.json").read_text())["eval_loss"] for name in names}
+    report = json.loads((out / "compare_init.json").read_text())
+    named = {1e-3: "", 3e-3: "-lr0.003"}
+    for row in report["learning_rate_transfer"]:
+        at = {rate: loss[f"{row['layers']}L-{row['variant']}{named[rate]}-seed0"] for rate in named}
+        base = {rate: loss[f"1L-{row['variant']}{named[rate]}-seed0"] for rate in named}
+        assert row["best_learning_rate"] == min(at, key=at.get) and row["best_eval_loss"] == min(at.values())
+        assert row["transferred_learning_rate"] == min(base, key=base.get)
+        assert row["transferred_eval_loss"] == at[row["transferred_learning_rate"]]
+    markdown = (out / "compare_init.md").read_text()
+    assert "## Learning rates" in markdown and "## Depth probes" in markdown
+    assert {"compare_init_depth.png", "compare_init_residual.png", "compare_init_loss.png"} <= {p.name for p in out.iterdir()}
+    # the same comparison at the default rate alone reads its runs back: nothing is trained again
+    stamps = {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names}
+    assert compare_init.main([*argv, "--learning_rate", "1e-3"]) == 0
+    assert {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names} == stamps
+
+
+def test_compare_init_trains_the_deepnorm_scheme_with_post_norm_layers(tmp_path):
+    assert compare_init.main(compare_argv(tmp_path, "--schemes", "deepnorm,normal", "--seeds", "1")) == 0
+    configs = {name: json.loads((tmp_path / "bench" / "runs" / f"1L-{name}-seed0" / "config.json").read_text())
+               for name in ("deepnorm", "normal")}
+    assert (configs["deepnorm"]["init_scheme"], configs["deepnorm"]["deepnorm"]) == ("deepnorm", True)
+    assert (configs["normal"]["init_scheme"], configs["normal"]["deepnorm"]) == ("normal", False)
+
+
+def test_compare_init_probes_each_run_once_from_its_initial_and_final_model(tmp_path, monkeypatch):
+    """depth_probes.json: the init probe reads the model `pretrain` started from, the final one the saved model."""
+    from acx_ramanujan.training import pretrain as pretrain_module
+
+    started = {}
+
+    class Recorded(RamanujanForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            started[config.num_hidden_layers] = {k: v.clone() for k, v in self.state_dict().items()}
+
+    monkeypatch.setattr(pretrain_module, "RamanujanForCausalLM", Recorded)
+    argv = compare_argv(tmp_path, "--layers", "2", "--seeds", "1", "--schemes", "mitchell")
+    assert compare_init.main(argv) == 0
+    run = tmp_path / "bench" / "runs" / "2L-mitchell-seed0"
+    probes = json.loads((run / compare_init.PROBES).read_text())
+    input_ids = torch.tensor(probes_input(argv))
+    initial = RamanujanForCausalLM(RamanujanForCausalLM.config_class.from_pretrained(run)).eval()
+    initial.load_state_dict(started[2])
+    assert probes["init"]["residual_rms"] == residual_rms_per_layer(initial, input_ids)
+    assert probes["init"]["grad_norm"] == layer_gradient_norms(initial, input_ids)[1]
+    final = RamanujanForCausalLM.from_pretrained(run).eval()
+    assert probes["final"]["residual_rms"] == residual_rms_per_layer(final, input_ids)
+    loss, dropped = layer_drop_losses(final, input_ids)
+    assert probes["layer_drop"] == {"loss": loss, "delta": [value - loss for value in dropped]}
+    assert len(probes["init"]["residual_rms"]) == 3 and len(probes["final"]["grad_norm"]) == 2
+
+    stamp = (run / compare_init.PROBES).stat().st_mtime_ns
+    assert compare_init.main(argv) == 0  # finished and probed: neither trained nor probed again
+    assert (run / compare_init.PROBES).stat().st_mtime_ns == stamp
+    (run / compare_init.PROBES).unlink()
+    trained = (run / "all_results.json").stat().st_mtime_ns
+    assert compare_init.main(argv) == 0  # finished, not probed: probed, not trained again
+    assert json.loads((run / compare_init.PROBES).read_text()) == probes
+    assert (run / "all_results.json").stat().st_mtime_ns == trained
+
+
+def probes_input(argv) -> list[list[int]]:
+    """The probe batch, read independently: the first validation blocks of the tail 10% of the training text."""
+    from acx_ramanujan.training.data import load_raw_datasets, tokenize_and_pack
+
+    text_file = argv[argv.index("--train_file") + 1]
+    blocks = tokenize_and_pack(load_raw_datasets([text_file]), RamanujanByteTokenizer(), 16)["validation"]
+    return blocks["input_ids"][: compare_init.PROBE_BLOCKS]
 
 
 def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverged(tmp_path):
@@ -264,6 +392,13 @@ def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverge
         (["--schemes", "normal", "--block_size", "1000"], "--block_size 1000 exceeds the model's max_position_embeddings"),
         (["--variant", "x:max_position_embeddings=8"], "--block_size 16 exceeds the model's max_position_embeddings (8)"),
         (["--schemes", "normal", "--train_file", "TMP/empty.txt"], "empty.txt' is empty"),
+        (["--schemes", "normal", "--learning_rates", "1e-3,fast"], "--learning_rates must be comma-separated numbers"),
+        (["--schemes", "normal", "--learning_rate", "0"], "--learning_rates must be finite and > 0"),
+        (["--schemes", "normal", "--learning_rates", "1e-3,1e-3"], "--learning_rates has a repeated rate"),
+        (["--schemes", "normal", "--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1)"),
+        (["--schemes", "normal", "--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
+        (["--variant", "x:depth_parametrization=completep"], "variant 'x' at 1 layers: depth_parametrization='completep' "
+                                                             "needs depth_base_layers"),
     ],
 )
 def test_compare_init_rejects_bad_input_before_training(tmp_path, capsys, extra, message):
@@ -294,11 +429,13 @@ def test_compare_init_reuses_a_finished_run_only_with_the_same_settings(tmp_path
     assert (run / "all_results.json").stat().st_mtime_ns == stamp
     capsys.readouterr()
     changed = [
-        (["--learning_rate", "0.01"], "learning_rate=0.001, this comparison would use 0.01"),
         (["--max_train_steps", "4"], "max_train_steps=3, this comparison would use 4"),
         (["--block_size", "8"], "block_size=16"),
         (["--per_device_train_batch_size", "3"], "per_device_train_batch_size=2"),
         (["--variant", "ram:init_scheme=ramanujan,attention_scale_alpha=0"], "config_overrides="),
+        (["--optimizer", "muon"], "optimizer='adamw', this comparison would use 'muon'"),
+        (["--warmup_ratio", "0.5"], "num_warmup_steps=0, this comparison would use 2"),
+        (["--adam_beta2", "0.95"], "adam_beta2=0.999"),
     ]
     for extra, message in changed:
         assert compare_init.main([*argv, *extra]) == 2
@@ -306,6 +443,10 @@ def test_compare_init_reuses_a_finished_run_only_with_the_same_settings(tmp_path
         assert err.count("\n") == 1 and err.startswith("acx-rt compare-init: error: finished run ")
         assert str(run) in err and message in err and "another --output_dir or delete that run" in err
         assert (run / "all_results.json").stat().st_mtime_ns == stamp
+    # another learning rate is another run (its rate in its name), trained beside this one
+    assert compare_init.main([*argv, "--learning_rate", "0.01"]) == 0
+    assert (run.parent / "1L-ram-lr0.01-seed0" / "all_results.json").is_file()
+    assert (run / "all_results.json").stat().st_mtime_ns == stamp
     (run / "training_args.json").unlink()
     assert compare_init.main(argv) == 2
     assert "has no readable training_args.json" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .. import modeling_ramanujan
 from ..files import write_text_atomically
-from ..initialization_ramanujan import ramanujan_layer_scales, weight_std
+from ..initialization_ramanujan import deepnorm_alpha, ramanujan_layer_scales, residual_multiplier, weight_std
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 LICENSE = "apache-2.0"
@@ -106,6 +106,7 @@ def render_model_card(
         config=config,
         num_parameters=count_parameters(config, architecture),
         init_rows=init_scale_rows(config),
+        depth_schemes=depth_schemes(config),
         embedding_std=format_number(weight_std(config, "embedding", config.hidden_size, config.vocab_size)),
         lm_head_std=format_number(weight_std(config, "lm_head", config.hidden_size, config.vocab_size)),
         metrics=[(QUALITY_METRICS.get(name, name), format_number(value)) for name, value in metrics.items()],
@@ -160,6 +161,19 @@ def count_parameters(config, architecture: str) -> int:
     return model.num_parameters()
 
 
+def depth_schemes(config) -> list[str]:
+    """The depth schemes the config switches on, each as the card's one-line description (none: an empty list)."""
+    schemes = []
+    if config.depth_parametrization is not None:
+        schemes.append(f"{config.depth_parametrization}: every attention and MLP branch × "
+                       f"{residual_multiplier(config):.4g} (L0 = {config.depth_base_layers})")
+    if config.layernorm_scaling:
+        schemes.append("LayerNorm Scaling: the pre-norms of layer l (from 1) × 1/√l")
+    if config.deepnorm:
+        schemes.append(f"DeepNorm post-norm layers: x ← norm({deepnorm_alpha(config.num_hidden_layers):.4g}·x + f(x))")
+    return schemes
+
+
 def init_scale_rows(config) -> list[dict]:
     """Per decoder layer: the Ramanujan multiplier (for that scheme) and the std each weight was drawn with.
 
@@ -167,6 +181,7 @@ def init_scale_rows(config) -> list[dict]:
     """
     scales = ramanujan_layer_scales(config) if config.init_scheme == "ramanujan" else None
     attention_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
     rows = []
     for layer in range(config.num_hidden_layers):
         moe = config.is_moe_layer(layer)
@@ -176,9 +191,11 @@ def init_scale_rows(config) -> list[dict]:
                 "layer": layer,
                 "kind": "MoE" if moe else "dense",
                 "scale": f"{scales[layer]:.4f}" if scales else "—",
-                "qkv_std": format_number(weight_std(config, "linear", config.hidden_size, attention_width, layer)),
+                "qk_std": format_number(weight_std(config, "linear", config.hidden_size, attention_width, layer)),
+                "v_std": format_number(weight_std(config, "value_projection", config.hidden_size, kv_width, layer)),
                 "o_std": format_number(weight_std(config, "output_projection", attention_width, config.hidden_size, layer)),
-                "up_std": format_number(weight_std(config, "linear", config.hidden_size, ffn_width, layer)),
+                "gate_std": format_number(weight_std(config, "gate_projection", config.hidden_size, ffn_width, layer)),
+                "up_std": format_number(weight_std(config, "up_projection", config.hidden_size, ffn_width, layer)),
                 "down_std": format_number(weight_std(config, "output_projection", ffn_width, config.hidden_size, layer)),
                 "router_std": format_number(weight_std(config, "router", config.hidden_size, config.num_experts, layer))
                 if moe

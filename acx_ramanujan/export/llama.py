@@ -3,7 +3,10 @@
 Dense models become `LlamaForCausalLM`; MoE models `MixtralForCausalLM` or, with shared experts or leading dense
 layers, `Ernie4_5_MoeForCausalLM`. The architectures are the same up to one thing: our attention scale per layer l is 1/(√head_dim·(1 + α·e^(−λ·l))) (the seed's temperature),
 Llama's is 1/√head_dim. The factor 1/(1 + α·e^(−λ·l)) is folded into that layer's `q_proj` rows: RoPE rotates q
-after `q_proj`, a rotation commutes with a scalar, so q·k comes out scaled exactly as ours.
+after `q_proj`, a rotation commutes with a scalar, so q·k comes out scaled exactly as ours. The depth schemes fold the
+same way: a depth parametrization's constant branch multiplier m into every branch's last linear map (`o_proj`,
+`down_proj`, the experts' and shared experts' `down_proj`: m·W·x = (m·W)·x), LayerNorm Scaling's 1/√(l+1) into both
+norm weights of layer l (w ⊙ n(x)·s = (s·w) ⊙ n(x)). DeepNorm's post-norm layers are another architecture: refused.
 
 What maps where (anything else is refused, naming the field):
 
@@ -47,7 +50,7 @@ from ..configuration_ramanujan import RamanujanConfig
 from ..commands import InputError
 from . import ExportError, random_batch
 from ..initialization_ramanujan import attention_scaling
-from ..modeling_ramanujan import RamanujanForCausalLM, router_biases
+from ..modeling_ramanujan import RamanujanDecoderLayer, RamanujanForCausalLM, router_biases
 from ..files import read_json_object
 from ..tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
 
@@ -73,6 +76,11 @@ def target_config(
     """The Llama / Mixtral / ERNIE 4.5 MoE config of the same shapes; UnrepresentableError names what cannot map.
 
     `router_bias`: the routers' balancing biases are nonzero, which Mixtral cannot represent (ERNIE can)."""
+    if config.deepnorm:
+        raise UnrepresentableError(
+            "deepnorm=True (post-norm layers, x ← norm(α·x + f(x))) has no Llama, Mixtral or ERNIE equivalent: they are "
+            "pre-norm"
+        )
     shared = {name: getattr(config, name) for name in SHARED_FIELDS}
     if not config.is_moe:
         return LlamaConfig(**shared, intermediate_size=config.intermediate_size, attention_bias=False, mlp_bias=False)
@@ -122,7 +130,8 @@ def query_factors(config: RamanujanConfig) -> list[float]:
 
 
 def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch.Tensor]:
-    """Our weights under the `target` config's names, q_proj scaled by `query_factors`.
+    """Our weights under the `target` config's names, q_proj scaled by `query_factors`, the branch multiplier and
+    LayerNorm Scaling folded in (`folded_factors`).
 
     Our names are Llama's already; only the MoE router is Mixtral's and ERNIE's `mlp.gate` (the fused expert weights
     share their layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)). For ERNIE, q and k rows are
@@ -133,6 +142,8 @@ def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch
     ernie = isinstance(target, Ernie4_5_MoeConfig)
     state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in model.state_dict().items()
              if not name.endswith(".mlp.e_score_correction_bias")}
+    for name, factor in folded_factors(model).items():
+        state[name] = state[name] * factor
     for layer, factor in enumerate(query_factors(config)):
         attention = f"model.layers.{layer}.self_attn."
         state[attention + "q_proj.weight"] = state[attention + "q_proj.weight"] * factor
@@ -143,6 +154,23 @@ def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch
                 bias = model.model.layers[layer].mlp.e_score_correction_bias.float().reshape(1, -1)
                 state[f"model.layers.{layer}.mlp.gate.moe_statics.e_score_correction_bias"] = bias
     return state
+
+
+def folded_factors(model: RamanujanForCausalLM) -> dict[str, float]:
+    """Weight name → the constant our forward multiplies its output by and a plain Llama does not: each layer's branch
+    multiplier on the branches' last maps, its pre-norms' output scale (LayerNorm Scaling) on their weights."""
+    factors = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, RamanujanDecoderLayer):
+            continue
+        if module.branch_multiplier is not None:
+            for weight, _ in module.named_parameters():
+                if weight.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                    factors[f"{name}.{weight}"] = module.branch_multiplier
+        if module.norm_scale is not None:
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                factors[f"{name}.{norm}.weight"] = module.norm_scale
+    return factors
 
 
 def to_transformers_model(model: RamanujanForCausalLM) -> PreTrainedModel:
@@ -184,7 +212,7 @@ def fast_tokenizer(checkpoint: Path) -> PreTrainedTokenizerFast | None:
     return None
 
 
-def model_card(config, alpha: float) -> ModelCard:
+def model_card(config, alpha: float, folded: bool) -> ModelCard:
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=["acx-ramanujan", config.model_type])
     body = (
         f"# {config.architectures[0]} exported from an acx-ramanujan-transformer checkpoint\n\n"
@@ -193,6 +221,9 @@ def model_card(config, alpha: float) -> ModelCard:
         " equal the original model's.\n\n"
         f"The original's per-layer attention temperature (α = {alpha}) is folded into each layer's `q_proj` weights,"
         " so these weights differ from the original's `q_proj` by that per-layer factor.\n"
+        + ("\nThe original's depth scheme (a constant residual-branch multiplier, or LayerNorm Scaling's per-layer"
+           " factor on the pre-norms) is folded the same way into `o_proj` and the `down_proj` weights, or into the"
+           " norm weights.\n" if folded else "")
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
@@ -227,7 +258,7 @@ def export(model: RamanujanForCausalLM, checkpoint: Path, args, directory: Path)
     tokenizer = fast_tokenizer(checkpoint)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    model_card(target.config, model.config.attention_scale_alpha).save(directory / "README.md")
+    model_card(target.config, model.config.attention_scale_alpha, bool(folded_factors(model))).save(directory / "README.md")
 
     architecture = target.config.architectures[0]
     loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()

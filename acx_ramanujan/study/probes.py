@@ -7,6 +7,8 @@ so nothing depends on how `output_hidden_states` post-processes its last entry.
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..modeling_ramanujan import expert_load, router_biases
 
@@ -67,6 +69,29 @@ def layer_gradient_norms(model, input_ids: torch.Tensor) -> tuple[float, list[fl
     """LM loss and the L2 norm of each decoder layer's weight gradient."""
     loss, grads = layer_gradients(model, input_ids)
     return loss, [grad.double().norm().item() for grad in grads]
+
+
+def lm_loss(model, input_ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of the LM head (no router losses), no grad."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten()).item()
+
+
+def layer_drop_losses(model, input_ids: torch.Tensor) -> tuple[float, list[float]]:
+    """The LM loss of the whole model, and with each decoder layer skipped in turn (the residual stream passes the
+    layer unchanged; the others compute as before): how much the model relies on each layer, the layer-pruning
+    measurement of the Curse of Depth paper (arXiv 2502.05795, section 2). One forward per layer, each without it."""
+    base = model.model
+    layers = base.layers
+    dropped = []
+    try:
+        for skipped in range(len(layers)):
+            base.layers = nn.ModuleList(layer for index, layer in enumerate(layers) if index != skipped)
+            dropped.append(lm_loss(model, input_ids))
+    finally:
+        base.layers = layers
+    return lm_loss(model, input_ids), dropped
 
 
 def attention_maps(model, input_ids: torch.Tensor) -> list[torch.Tensor]:

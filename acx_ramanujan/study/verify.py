@@ -1,8 +1,9 @@
 """`acx-rt verify`: activations and gradients per layer at initialization, for each scheme, measured.
 
 Two experiments, written to --output_dir as verify.json, verify.md and PNG plots:
-1. Real stacks: `RamanujanForCausalLM` with --depth layers per scheme (same seed, same tokens); the residual-stream
-   RMS entering layer 0 and after each layer, and the L2 norm of each layer's weight gradient under the LM loss.
+1. Real stacks: `RamanujanForCausalLM` with --depth layers per scheme (same seed, same tokens; the deepnorm scheme
+   with DeepNet's post-norm layers, which it is written for); the residual-stream RMS entering layer 0 and after
+   each layer, and the L2 norm of each layer's weight gradient under the LM loss.
 2. The seed's chain experiment (see `chains`): plain linear and ReLU chains of --depth square layers, no norm, no
    residual, measured and next to the closed form — the like-for-like check of the seed's depth table.
 """
@@ -73,7 +74,7 @@ def preset_name(args: argparse.Namespace) -> str:
 
 def stack_config(args: argparse.Namespace, scheme: str) -> RamanujanConfig:
     preset = preset_name(args)
-    overrides = {"num_hidden_layers": args.depth, "init_scheme": scheme}
+    overrides = {"num_hidden_layers": args.depth, "init_scheme": scheme, "deepnorm": scheme == "deepnorm"}
     if args.hidden_size is not None:
         overrides["hidden_size"] = args.hidden_size
     return RamanujanConfig.from_preset(preset, **overrides)

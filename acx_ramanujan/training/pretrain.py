@@ -311,11 +311,8 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
         if args.streaming:
             raw, text_column = validation_rows(args.validation_file, args.dataset_name, args.dataset_config_name,
                                                args.text_column), args.text_column
-        elif args.train_file or args.dataset_name:
-            raw, text_column = load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
-                                                 args.dataset_name, args.dataset_config_name, args.text_column), args.text_column
         else:
-            raw, text_column = text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
+            raw, text_column = raw_text(args)
         blocks = tokenize_and_pack(raw, tokenizer, args.block_size, text_column=text_column,
                                    num_proc=args.preprocessing_num_workers)
         if args.streaming:
@@ -329,6 +326,15 @@ def prepare(args: argparse.Namespace, run_scope: ExitStack) -> Run:
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return Run(accelerator, tokenizer, config, blocks, resume_path)
+
+
+def raw_text(args: argparse.Namespace) -> tuple[DatasetDict, str]:
+    """The train and validation text a run without --streaming reads, and its text column: the files or Hub dataset,
+    else the default corpus (validation: the given file, else the tail of the training text)."""
+    if args.train_file or args.dataset_name:
+        return load_raw_datasets(args.train_file, args.validation_file, args.validation_split_percentage,
+                                 args.dataset_name, args.dataset_config_name, args.text_column), args.text_column
+    return text_to_dataset(default_corpus_text(), args.validation_split_percentage), "text"
 
 
 @dataclass

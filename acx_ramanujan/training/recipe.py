@@ -5,7 +5,9 @@
   `torch.optim.Muon` for the decoder layers' 2-D matrices (attention and dense MLP projections), as in the
   modded-nanoGPT line of work; MoE expert tensors (3-D: one matrix per expert) through `ExpertMuon`, the same update
   per expert matrix. Both run Muon's Newton–Schulz iteration in bf16 (as torch does) where bf16 matmuls are native,
-  and in fp32 elsewhere (`Muon`, `newton_schulz_dtype`).
+  and in fp32 elsewhere (`Muon`, `newton_schulz_dtype`). Under a depth parametrization (`config.
+  depth_parametrization`) the decoder layers' parameters get their own groups, with the learning rate and AdamW ε
+  of `initialization_ramanujan.hidden_optimizer_factors`.
 - `make_schedulers`: one Transformers schedule per optimizer, the same shape for each (warmup, then cosine to
   `min_lr_rate` × the peak by default).
 - `RandomWindows`: each training row is a window of the packed training stream starting at a random offset
@@ -16,6 +18,7 @@
 """
 
 import argparse
+import inspect
 import math
 from functools import lru_cache
 
@@ -24,26 +27,44 @@ import torch
 from torch.utils.data import Dataset
 from transformers import get_scheduler
 
+from ..initialization_ramanujan import hidden_optimizer_factors
+
 
 def make_optimizers(model: torch.nn.Module, args: argparse.Namespace,
                     device: torch.device | None = None) -> list[torch.optim.Optimizer]:
     """[AdamW] (--optimizer adamw), or [AdamW, Muon] and for MoE [AdamW, Muon, ExpertMuon]; AdamW's weight decay on
     matrices only, not on norms (nanoGPT's `configure_optimizers`). `device`: where training runs (default: the
-    model's), which decides Muon's Newton–Schulz precision."""
+    model's), which decides Muon's Newton–Schulz precision.
+
+    Under a depth parametrization the decoder layers' parameters (".layers.") form AdamW groups of their own, whose
+    learning rate and ε are the base ones × `hidden_optimizer_factors` (the schedulers scale each group from its own
+    peak), and Muon's learning rate gets the same factor: with match_rms_adamw its updates have AdamW's RMS, so the
+    depth rule written for Adam is applied to it as it stands (an assumption; the sources state it for Adam only)."""
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     muon = args.optimizer == "muon"
     matrices = [param for name, param in named if muon and is_hidden_matrix(name, param)]
     experts = [(name, param) for name, param in named if muon and ".layers." in name and param.ndim == 3]
     taken = {id(param) for param in matrices} | {id(param) for _, param in experts}
-    rest = [param for _, param in named if id(param) not in taken]
-    groups = [
-        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    rest = [(name, param) for name, param in named if id(param) not in taken]
+    lr_factor, eps_factor = hidden_optimizer_factors(model.config)
+    if model.config.depth_parametrization is None:
+        groups = [
+            {"params": [p for _, p in rest if p.ndim >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for _, p in rest if p.ndim < 2], "weight_decay": 0.0},
+        ]
+    else:
+        eps = inspect.signature(torch.optim.AdamW).parameters["eps"].default  # the base ε: torch's default
+        groups = [
+            {"params": [p for name, p in rest if (".layers." in name) == hidden and (p.ndim >= 2) == matrix],
+             "weight_decay": args.weight_decay if matrix else 0.0,
+             **({"lr": args.learning_rate * lr_factor, "eps": eps * eps_factor} if hidden else {})}
+            for hidden in (False, True) for matrix in (True, False)
+        ]
+        groups = [group for group in groups if group["params"]]
     optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))]
     # match_rms_adamw (Moonshot's scaling): the update's RMS matches AdamW's, so AdamW's weight decay carries over.
-    muon_options = dict(lr=args.muon_learning_rate, weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw",
-                        ns_dtype=newton_schulz_dtype(device or next(model.parameters()).device))
+    muon_options = dict(lr=args.muon_learning_rate * lr_factor, weight_decay=args.weight_decay,
+                        adjust_lr_fn="match_rms_adamw", ns_dtype=newton_schulz_dtype(device or next(model.parameters()).device))
     if matrices:
         optimizers.append(Muon(matrices, **muon_options))
     if experts:
