@@ -132,6 +132,10 @@ class RamanujanConfig(PreTrainedConfig):
     embedding_init_scheme: str | None = None
     lm_head_init_scheme: str | None = None
     ramanujan_layer_schedule: bool = True
+    # Every output projection (o_proj, down_proj, the experts' and shared experts' down_proj) starts at zero, whatever
+    # init_scheme draws for the rest (modded-nanoGPT's zero-initialized projections; docs/benchmarks.md, "Time to
+    # target", has what it did at the quality anchor).
+    zero_init_output_projections: bool = False
 
     # Depth schemes (docs/init-study.md; formulas and sources in initialization_ramanujan): a residual-branch
     # multiplier (L/depth_base_layers)^-α with its optimizer rules ("completep": α = 1, "depth_mup": α = 1/2),

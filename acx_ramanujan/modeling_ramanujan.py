@@ -529,6 +529,7 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         """Draw every weight by the rule of `config.init_scheme` for its role (`weight_roles`); the rules, one row per
         weight and one column per scheme, are the table in `initialization_ramanujan.weight_std`.
 
+        `config.zero_init_output_projections` starts every output projection at zero instead, whatever the scheme.
         Transformers calls this on each module that owns parameters (remote code is initialized leaf by leaf), and
         `transformers.initialization` skips tensors that `from_pretrained` loaded. The Ramanujan scheme draws from a
         normal truncated at ±2σ (as the seed does), the baselines plain normals; each weight the way its own scheme
@@ -537,6 +538,9 @@ class RamanujanPreTrainedModel(PreTrainedModel):
         config = self.config
 
         def fill(tensor: torch.Tensor, role: str, fan_in: int, fan_out: int, layer_idx: int | None = None):
+            if role == "output_projection" and config.zero_init_output_projections:
+                init.zeros_(tensor)  # each branch starts adding nothing to the residual stream
+                return
             std = weight_std(config, role, fan_in, fan_out, layer_idx)
             if scheme_for_role(config, role) == "ramanujan":
                 init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)

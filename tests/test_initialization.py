@@ -189,3 +189,29 @@ def test_ablation_switches_draw_each_weight_the_way_its_own_scheme_does(decoder_
         truncated = scheme == "ramanujan"
         assert (weight.abs().max().item() <= 2 * std + 1e-7) == truncated, role  # ~4.6 % of a plain normal lies beyond
         assert weight.std().item() == pytest.approx(std * (factor if truncated else 1.0), rel=0.05), role
+
+
+@pytest.mark.parametrize("scheme", ["normal", "ramanujan", "depth_scaled"])
+def test_zero_init_output_projections_zeroes_exactly_the_maps_into_the_residual_stream(scheme, tmp_path):
+    """o_proj, down_proj, the experts' and the shared experts' down_proj start at zero; every other weight is drawn
+    as the scheme draws it (nonzero, its std); a checkpoint's loaded projections are not zeroed."""
+    config = RamanujanConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                             num_experts=4, moe_intermediate_size=32, num_shared_experts=1, first_k_dense_layers=1,
+                             init_scheme=scheme, zero_init_output_projections=True)
+    model = RamanujanForCausalLM(config)
+    output_maps = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+    zeroed = {name for name, param in model.named_parameters() if not param.any()}
+    assert zeroed == {name for name, _ in model.named_parameters() if name.endswith(output_maps)}
+    assert len(zeroed) == 3 + 3 + 2  # o_proj per layer; one dense down_proj; per MoE layer experts' + shared down_proj
+    q_proj = model.model.layers[1].self_attn.q_proj
+    expected = weight_std(config, "linear", q_proj.in_features, q_proj.out_features, 1)
+    scale = truncated_normal_std_factor() if scheme == "ramanujan" else 1.0
+    assert q_proj.weight.std().item() == pytest.approx(expected * scale, rel=0.1)
+    # The last step is from_pretrained's: loaded weights stay as saved.
+    trained = RamanujanForCausalLM(config)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            param.add_(0.01)
+    trained.save_pretrained(tmp_path)
+    loaded = RamanujanForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
