@@ -38,6 +38,9 @@ TP_PLANS = {
     "mlp": {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"},
     "shared_experts": {"layers.*.mlp.shared_experts.gate_proj": "colwise", "layers.*.mlp.shared_experts.up_proj": "colwise",
                        "layers.*.mlp.shared_experts.down_proj": "rowwise"},
+    # Qwen3's rule: each rank normalizes its own heads with the whole (replicated) weight; gradients are summed.
+    "qk_norm": {"layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+                "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce"},
 }
 EP_PLAN = {"layers.*.mlp.experts.gate_up_proj": "grouped_gemm", "layers.*.mlp.experts.down_proj": "grouped_gemm",
            "layers.*.mlp.experts": "ep_dispatch_experts"}
@@ -60,6 +63,9 @@ class RamanujanConfig(PreTrainedConfig):
     r"""Configuration of a Ramanujan decoder (dense when `num_experts == 0`, mixture-of-experts otherwise).
 
     The default vocabulary is the byte tokenizer's: 256 byte ids, then pad (256), bos (257), eos (258).
+
+    `qk_norm`: an RMSNorm over head_dim (weight per channel, eps `rms_norm_eps`) on every head of q and of k before
+    RoPE, Qwen3's `q_norm` / `k_norm` (QK-norm: Dehghani et al. 2023); such a model exports as Qwen3 / Qwen3-MoE.
 
     Initialization: `init_scheme` picks the formula (see `initialization_ramanujan.weight_std`). The default is
     "normal" (GPT-2's rule) because it trained best in docs/init-study.md; "ramanujan" is the seed's scheme.
@@ -104,6 +110,7 @@ class RamanujanConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_dropout: float = 0.0
+    qk_norm: bool = False
     pad_token_id: int | None = 256
     bos_token_id: int | None = 257
     eos_token_id: int | list[int] | None = 258
@@ -296,10 +303,12 @@ class RamanujanConfig(PreTrainedConfig):
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
         """Tensor-parallel rules by module path under the base model: Llama's for attention and dense MLPs (shared
-        experts are such MLPs), none for the routed experts (Qwen3-MoE's: see TP_PLANS); the embedding is split by
+        experts are such MLPs), Qwen3's for the q/k norms, none for the routed experts (Qwen3-MoE's: see TP_PLANS); the embedding is split by
         vocabulary rows like the head tied to it ("colwise" on lm_head). Only rules for modules this config builds
         (Transformers' own tests require each to match one)."""
         plan = {"embed_tokens": "embedding_rowwise", **TP_PLANS["attention"]}
+        if self.qk_norm:
+            plan.update(TP_PLANS["qk_norm"])
         if not self.is_moe or self.first_k_dense_layers > 0:
             plan.update(TP_PLANS["mlp"])
         if self.is_moe and self.num_shared_experts > 0:

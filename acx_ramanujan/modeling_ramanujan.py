@@ -175,7 +175,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 @use_kernelized_func(apply_rotary_pos_emb)  # makes the rotary function visible to Hub kernelization, as in Llama
 class RamanujanAttention(nn.Module):
-    """GQA self-attention with rotary positions and the seed's per-layer temperature."""
+    """GQA self-attention with rotary positions and the seed's per-layer temperature; with `config.qk_norm`, each
+    head of q and k RMS-normalized over head_dim before RoPE, as Qwen3's attention does (same names and order)."""
 
     def __init__(self, config: RamanujanConfig, layer_idx: int):
         super().__init__()
@@ -192,6 +193,9 @@ class RamanujanAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RamanujanRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RamanujanRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -203,8 +207,11 @@ class RamanujanAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings

@@ -19,6 +19,12 @@ def test_defaults_follow_llama_conventions():
     assert config.attention_scale_alpha == 0.0
     assert config.moe_intermediate_size == config.intermediate_size
     assert not config.is_moe
+    assert config.qk_norm is False  # so configs saved before the field existed load as they were
+
+
+def test_qk_norm_is_a_boolean_field():
+    assert RamanujanConfig.parse_overrides("qk_norm=true") == {"qk_norm": True}
+    assert RamanujanConfig.from_preset("tiny", qk_norm=True).qk_norm is True
 
 
 def test_auto_config_round_trip(tmp_path):
@@ -122,7 +128,7 @@ BAD_VALUES = [
     ("rope_parameters", "x"), ("rope_parameters", {"rope_type": "bogus", "rope_theta": 10000.0}),
     ("rope_parameters", {"rope_type": "default", "rope_theta": -1.0}),
     ("rope_parameters", {"rope_type": "default", "rope_theta": float("nan")}),
-    ("tie_word_embeddings", "yes"), ("use_cache", 1), ("norm_topk_prob", "true"), ("ramanujan_layer_schedule", 0),
+    ("tie_word_embeddings", "yes"), ("use_cache", 1), ("qk_norm", "true"), ("qk_norm", 1), ("norm_topk_prob", "true"), ("ramanujan_layer_schedule", 0),
     ("init_scheme", None), ("embedding_init_scheme", 3),
     ("eos_token_id", "258"), ("pad_token_id", 1.0),
 ]
@@ -186,11 +192,13 @@ def test_router_loss_fields_exist_on_moe_configs_only():
 
 
 @pytest.mark.parametrize("extra", [{}, {"num_experts": 4}, {"num_experts": 4, "num_shared_experts": 1},
-                                   {"num_experts": 4, "first_k_dense_layers": 1}])
+                                   {"num_experts": 4, "first_k_dense_layers": 1}, {"qk_norm": True},
+                                   {"num_experts": 4, "qk_norm": True}])
 def test_parallel_plans_name_only_modules_the_config_builds(extra):
     """Every tensor/expert-parallel rule matches a module or parameter of this config's model (what Transformers'
     test_tp_plan_matches_params checks, per config), and every weight matrix of a decoder layer has a tensor-parallel
-    rule, except the routed experts': replicated under tensor parallelism, they have an expert-parallel one."""
+    rule (the q/k norms too, whose gradients each rank computes from its own heads), except the routed experts':
+    replicated under tensor parallelism, they have an expert-parallel one."""
     import fnmatch
 
     from acx_ramanujan import RamanujanModel
@@ -202,7 +210,8 @@ def test_parallel_plans_name_only_modules_the_config_builds(extra):
     assert (config.base_model_ep_plan is None) == (not config.is_moe)
     for key in plans:
         assert any(fnmatch.fnmatch(name, key.replace(".*.", ".[0-9]*.")) for name in names), key
-    layer_weights = {name for name in names if name.startswith("layers.") and name.endswith(("proj.weight", "proj"))}
+    layer_weights = {name for name in names if name.startswith("layers.")
+                     and name.endswith(("proj.weight", "proj", "self_attn.q_norm.weight", "self_attn.k_norm.weight"))}
     for name in layer_weights:
         plan = config.base_model_ep_plan if ".mlp.experts." in name else config.base_model_tp_plan
         assert any(fnmatch.fnmatch(name.removesuffix(".weight"), key.replace(".*.", ".[0-9]*.")) for key in plan), name

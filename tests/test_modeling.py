@@ -12,9 +12,18 @@ from conftest import run_without_package, tiny_config, tiny_moe_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from acx_ramanujan import RamanujanForCausalLM, RamanujanForSequenceClassification, RamanujanModel
-from acx_ramanujan.modeling_ramanujan import CACHE_NAME, expert_load, load_balancing_loss, router_z_loss
+from acx_ramanujan.modeling_ramanujan import (
+    CACHE_NAME,
+    RamanujanRMSNorm,
+    expert_load,
+    load_balancing_loss,
+    router_z_loss,
+)
 
-CONFIGS = {"dense": tiny_config, "moe": tiny_moe_config}
+CONFIGS = {
+    "dense": tiny_config, "moe": tiny_moe_config,
+    "moe_qk_norm": lambda **overrides: tiny_moe_config(qk_norm=True, **overrides),
+}
 
 
 def build(kind="dense", seed=0, **overrides):
@@ -24,6 +33,15 @@ def build(kind="dense", seed=0, **overrides):
 
 def random_ids(batch=2, length=12, seed=1):
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def with_random_norms(model):
+    """Every RMSNorm weight (the q/k norms too) drawn away from its initial ones, so each must be applied right."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -66,6 +84,7 @@ PLAN_SHAPES = {  # each config's plans may name only modules that config builds
     "dense-tied": ("dense", {"tie_word_embeddings": True}),
     "moe": ("moe", {}),
     "moe-shared-dense-first": ("moe", {"num_shared_experts": 1, "first_k_dense_layers": 1}),
+    "qk_norm": ("dense", {"qk_norm": True}),
 }
 
 
@@ -102,7 +121,8 @@ def test_tensor_parallel_plan_applies_without_deprecation(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
-    model = build("moe", num_shared_experts=1, first_k_dense_layers=1)  # every kind of layer the plan has rules for
+    # every kind of layer the plan has rules for
+    model = build("moe", num_shared_experts=1, first_k_dense_layers=1, qk_norm=True)
     ids = random_ids(2, 7)
     with torch.no_grad():
         expected = model(ids).logits
@@ -327,7 +347,7 @@ def test_gradient_checkpointing_gives_same_gradients(kind, enable):
 
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_save_load_round_trip_identical_logits(kind, tmp_path):
-    model = build(kind, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    model = with_random_norms(build(kind, rope_parameters={"rope_type": "default", "rope_theta": 500.0}))
     ids = random_ids()
     expected = model(ids).logits
     model.save_pretrained(tmp_path)
@@ -352,7 +372,7 @@ def test_tied_embeddings_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_remote_code_load_in_fresh_process(kind, tmp_path):
-    model = build(kind)
+    model = with_random_norms(build(kind))
     ids = random_ids()
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
@@ -534,6 +554,71 @@ def test_aux_loss_matches_qwen3_moes_on_its_own_router_logits_and_its_test():
     torch.testing.assert_close(model(padded, attention_mask=padded_mask, output_router_logits=True).aux_loss, ours,
                                rtol=1e-4, atol=1e-4)
     assert model(padded, output_router_logits=True).aux_loss.item() != pytest.approx(ours.item(), abs=1e-4)
+
+
+def qwen3_twin(model):
+    """Transformers' Qwen3ForCausalLM (dense) / Qwen3MoeForCausalLM (MoE) holding the weights of a qk_norm `model`,
+    written out by hand from the two classes' fields. Qwen3 scales attention by 1/√head_dim: our layer-l temperature
+    1/(1 + α·e^(−λ·l)) multiplies q_norm's weight (the normalized q; RoPE is linear, so q·k scales the same)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = model.config
+    fields = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                  num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+                  num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                  rms_norm_eps=config.rms_norm_eps, rope_parameters=config.rope_parameters,
+                  tie_word_embeddings=config.tie_word_embeddings, max_position_embeddings=config.max_position_embeddings,
+                  pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+    if config.is_moe:
+        twin = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **fields, num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+            mlp_only_layers=list(range(config.first_k_dense_layers))))
+    else:
+        twin = Qwen3ForCausalLM(Qwen3Config(**fields))
+    state = {name.replace(".mlp.router.", ".mlp.gate."): tensor for name, tensor in model.state_dict().items()
+             if not name.endswith("e_score_correction_bias")}
+    for layer in range(config.num_hidden_layers):
+        temperature = 1 / (1 + config.attention_scale_alpha * math.exp(-config.attention_scale_decay * layer))
+        state[f"model.layers.{layer}.self_attn.q_norm.weight"] = state[f"model.layers.{layer}.self_attn.q_norm.weight"] * temperature
+    twin.load_state_dict(state, strict=True)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("kind, overrides", [
+    ("dense", {}),
+    ("dense", {"tie_word_embeddings": True, "head_dim": 16, "num_key_value_heads": 1}),
+    ("moe", {"first_k_dense_layers": 1, "norm_topk_prob": False}),
+])
+def test_qk_norm_is_qwen3s_attention(kind, overrides, alpha):
+    """With qk_norm our model computes Transformers' Qwen3 (dense) / Qwen3-MoE: logits of a left-padded batch, and
+    greedy generate() through both KV caches, step by step; the seed's temperature α still applies."""
+    model = with_random_norms(build(kind, qk_norm=True, attention_scale_alpha=alpha, **overrides))
+    assert isinstance(model.model.layers[1].self_attn.q_norm, RamanujanRMSNorm)
+    twin = qwen3_twin(model)
+    ids = random_ids(3, 13)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        ours, theirs = model(ids, attention_mask=mask).logits, twin(ids, attention_mask=mask).logits
+    assert (ours - theirs)[mask.bool()].abs().max() < 1e-5
+
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=256, eos_token_id=None,
+                    output_logits=True, return_dict_in_generate=True)
+    ours, theirs = model.generate(ids, **settings), twin.generate(ids, **settings)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert max((a - b).abs().max() for a, b in zip(ours.logits, theirs.logits)) < 1e-5
+
+
+def test_qk_norm_weights_are_per_head_and_start_at_one():
+    """q_norm / k_norm exist only with qk_norm, hold one weight per head channel (shared by the heads), start at 1."""
+    model = build(qk_norm=True)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_norm.weight.shape == attention.k_norm.weight.shape == (model.config.head_dim,)
+    assert torch.equal(attention.q_norm.weight, torch.ones(model.config.head_dim))
+    assert attention.q_norm.variance_epsilon == model.config.rms_norm_eps
+    assert not any("q_norm" in name or "k_norm" in name for name, _ in build().named_parameters())
 
 
 def test_router_z_loss_on_hand_made_logits():

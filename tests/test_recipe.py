@@ -41,6 +41,18 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     assert optimizer_names(dense, only) == {name for name, _ in dense.named_parameters()}
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_qk_norm_weights_go_to_adamw_without_weight_decay(optimizer):
+    """The q/k norms' 1-D weights are norms: AdamW's undecayed group, never Muon (which would orthogonalize them)."""
+    model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny", **SHAPE, qk_norm=True))
+    adamw, *others = make_optimizers(model, training_arguments(optimizer=optimizer, weight_decay=0.1))
+    decayed, undecayed = adamw.param_groups
+    norms = {f"model.layers.{layer}.self_attn.{norm}.weight" for layer in range(2) for norm in ("q_norm", "k_norm")}
+    assert norms <= {name for name, param in model.named_parameters() if any(param is p for p in undecayed["params"])}
+    assert undecayed["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.1
+    assert not any(norms & optimizer_names(model, other) for other in others)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
