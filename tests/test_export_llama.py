@@ -1,5 +1,6 @@
-"""`acx-rt export --format llama`: the checkpoint loads as LlamaForCausalLM / MixtralForCausalLM in a process that cannot
-import our package (no remote code), and gives our logits and greedy tokens; its tokenizer is ours."""
+"""`acx-rt export --format llama`: the checkpoint loads as LlamaForCausalLM / MixtralForCausalLM / Ernie4_5_MoeForCausalLM /
+Qwen3ForCausalLM / Qwen3MoeForCausalLM in a process that cannot import our package (no remote code), and gives our logits
+and greedy tokens; its tokenizer is ours."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ from conftest import export_llama, run_without_package, tiny_config, tiny_moe_co
 from safetensors.torch import load_file
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
+from acx_ramanujan.modeling_ramanujan import router_biases
 from acx_ramanujan.training.bpe import train_bpe_tokenizer
 from acx_ramanujan.export.llama import byte_tokenizer_fast
 
@@ -41,6 +43,10 @@ def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
     """Export a random model of `config`; load the export in a package-free process. Returns (model, child's results)."""
     torch.manual_seed(seed)
     model = RamanujanForCausalLM(config).eval()
+    with torch.no_grad():  # every RMSNorm weight (the q/k norms too) away from its initial ones: each must map right
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
     checkpoint, output_dir = export_llama(tmp_path, model, tokenizer)
 
     input_ids, attention_mask = export.random_batch(config, 3, 19, torch.Generator().manual_seed(4))  # left-padded
@@ -86,13 +92,28 @@ def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
             num_experts=4, num_shared_experts=1, first_k_dense_layers=1, num_hidden_layers=3,
             depth_parametrization="completep", depth_base_layers=2, layernorm_scaling=True,
         )),
+        ("qk_norm_as_qwen3", dict(qk_norm=True, attention_scale_alpha=0.3, attention_scale_decay=0.2)),
+        ("qk_norm_tied_mqa_as_qwen3", dict(qk_norm=True, tie_word_embeddings=True, head_dim=16, num_key_value_heads=1,
+                                           attention_scale_alpha=0.8)),
+        ("qk_norm_moe_as_qwen3_moe", dict(
+            num_experts=4, qk_norm=True, first_k_dense_layers=1, num_hidden_layers=3, attention_scale_alpha=0.5,
+        )),
+        ("qk_norm_moe_unnormalized_as_qwen3_moe", dict(num_experts=4, qk_norm=True, norm_topk_prob=False)),
+        ("qk_norm_completep_layernorm_scaling_as_qwen3", dict(  # the depth folds and the q_norm fold together
+            qk_norm=True, num_hidden_layers=3, depth_parametrization="completep", depth_base_layers=1,
+            layernorm_scaling=True, attention_scale_alpha=0.3,
+        )),
     ],
 )
 def test_loads_as_a_transformers_class_without_our_package(tmp_path, name, overrides):
     config = tiny_moe_config(**overrides) if "num_experts" in overrides else tiny_config(**overrides)
     _, child = export_and_load_elsewhere(tmp_path, config)
     expected_class = {"moe_as_mixtral": "MixtralForCausalLM", "moe_shared_and_dense_as_ernie": "Ernie4_5_MoeForCausalLM",
-                      "moe_depth_mup_as_mixtral": "MixtralForCausalLM", "moe_shared_completep_as_ernie": "Ernie4_5_MoeForCausalLM"}
+                      "moe_depth_mup_as_mixtral": "MixtralForCausalLM", "moe_shared_completep_as_ernie": "Ernie4_5_MoeForCausalLM",
+                      "qk_norm_as_qwen3": "Qwen3ForCausalLM", "qk_norm_tied_mqa_as_qwen3": "Qwen3ForCausalLM",
+                      "qk_norm_moe_as_qwen3_moe": "Qwen3MoeForCausalLM",
+                      "qk_norm_moe_unnormalized_as_qwen3_moe": "Qwen3MoeForCausalLM",
+                      "qk_norm_completep_layernorm_scaling_as_qwen3": "Qwen3ForCausalLM"}
     assert child["class"] == expected_class.get(name, "LlamaForCausalLM")
     assert child["logit_difference"] < 1e-5
     assert child["same_greedy"]
@@ -134,6 +155,26 @@ def test_branch_multiplier_and_layernorm_scaling_are_folded_into_the_weights(tmp
     assert "folded the same way" in (child["output_dir"] / "README.md").read_text()
 
 
+def test_attention_temperature_is_folded_into_q_norm_with_qk_norm(tmp_path):
+    """With qk_norm, q is normalized after q_proj (a factor there would cancel): the exported q_norm weight is ours times
+    1/(1 + α·e^(−λ·l)) in layer l; q_proj, k_proj and k_norm unchanged. The config is Qwen3's plain attention."""
+    config = tiny_moe_config(qk_norm=True, attention_scale_alpha=0.3, attention_scale_decay=0.5, first_k_dense_layers=1)
+    model, child = export_and_load_elsewhere(tmp_path, config)
+    weights = load_file(child["output_dir"] / "model.safetensors")
+    ours = model.state_dict()
+    for layer in range(config.num_hidden_layers):
+        factor = 1 / (1 + 0.3 * torch.exp(torch.tensor(-0.5 * layer)))
+        name = f"model.layers.{layer}.self_attn."
+        torch.testing.assert_close(weights[name + "q_norm.weight"], ours[name + "q_norm.weight"] * factor)
+        for unchanged in ("q_proj.weight", "k_proj.weight", "k_norm.weight"):
+            assert torch.equal(weights[name + unchanged], ours[name + unchanged])
+    written = json.loads((child["output_dir"] / "config.json").read_text())
+    assert (written["mlp_only_layers"], written["decoder_sparse_step"], written["head_dim"]) == ([0], 1, config.head_dim)
+    assert (written["attention_bias"], written["use_sliding_window"], written["sliding_window"]) == (False, False, None)
+    assert "Qwen3MoeForCausalLM" in (child["output_dir"] / "README.md").read_text()
+    assert "`q_norm` weights" in (child["output_dir"] / "README.md").read_text()
+
+
 def test_byte_tokenizer_survives_as_a_fast_tokenizer(tmp_path):
     _, child = export_and_load_elsewhere(tmp_path, tiny_config())
     ours = RamanujanByteTokenizer()
@@ -163,8 +204,9 @@ def test_trained_bpe_tokenizer_is_carried_over(tmp_path):
         (dict(norm_topk_prob=False), "norm_topk_prob=False has no exact in-library equivalent"),
         (dict(norm_topk_prob=False, num_shared_experts=1), "norm_topk_prob=False has no exact in-library equivalent"),
         (dict(deepnorm=True, init_scheme="deepnorm"), "deepnorm=True (post-norm layers, x ← norm(α·x + f(x))) has no "
-                                                      "Llama, Mixtral or ERNIE equivalent"),
+                                                      "Llama, Mixtral, ERNIE or Qwen3 equivalent"),
         (dict(num_experts=0, deepnorm=True), "deepnorm=True (post-norm layers"),
+        (dict(num_experts=0, deepnorm=True, qk_norm=True), "deepnorm=True (post-norm layers"),
     ],
 )
 def test_models_without_an_exact_transformers_class_are_refused(tmp_path, capsys, overrides, field):
@@ -174,6 +216,26 @@ def test_models_without_an_exact_transformers_class_are_refused(tmp_path, capsys
     assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"acx-rt export: error: --format llama: {field}")
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, bias, message",
+    [
+        (dict(num_shared_experts=1), False, "qk_norm=True with num_shared_experts=1: Qwen3-MoE"),
+        (dict(), True, "qk_norm=True with a nonzero router balancing bias"),
+    ],
+)
+def test_qk_norm_moe_that_qwen3_moe_cannot_represent_is_refused(tmp_path, capsys, overrides, bias, message):
+    model = RamanujanForCausalLM(tiny_moe_config(qk_norm=True, **overrides))
+    if bias:
+        with torch.no_grad():
+            router_biases(model)[0].copy_(torch.tensor([0.01, 0.0, 0.0, -0.01]))
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    output_dir = tmp_path / "llama"
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "llama", "--output_dir", str(output_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"acx-rt export: error: --format llama: {message}")
     assert not output_dir.exists()
 
 

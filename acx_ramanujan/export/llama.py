@@ -1,17 +1,24 @@
 """`acx-rt export --format llama`: a Ramanujan checkpoint as a standard Transformers checkpoint (no remote code).
 
 Dense models become `LlamaForCausalLM`; MoE models `MixtralForCausalLM` or, with shared experts or leading dense
-layers, `Ernie4_5_MoeForCausalLM`. The architectures are the same up to one thing: our attention scale per layer l is 1/(√head_dim·(1 + α·e^(−λ·l))) (the seed's temperature),
-Llama's is 1/√head_dim. The factor 1/(1 + α·e^(−λ·l)) is folded into that layer's `q_proj` rows: RoPE rotates q
-after `q_proj`, a rotation commutes with a scalar, so q·k comes out scaled exactly as ours. The depth schemes fold the
-same way: a depth parametrization's constant branch multiplier m into every branch's last linear map (`o_proj`,
-`down_proj`, the experts' and shared experts' `down_proj`: m·W·x = (m·W)·x), LayerNorm Scaling's 1/√(l+1) into both
-norm weights of layer l (w ⊙ n(x)·s = (s·w) ⊙ n(x)). DeepNorm's post-norm layers are another architecture: refused.
+layers, `Ernie4_5_MoeForCausalLM`; models with `qk_norm` become `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`. The
+architectures are the same up to one thing: our attention scale per layer l is 1/(√head_dim·(1 + α·e^(−λ·l))) (the
+seed's temperature), theirs is 1/√head_dim. The factor 1/(1 + α·e^(−λ·l)) is folded into that layer's `q_proj` rows:
+RoPE rotates q after `q_proj`, a rotation commutes with a scalar, so q·k comes out scaled exactly as ours. With
+`qk_norm` q is normalized after `q_proj`, which would undo a factor there; it goes into `q_norm`'s weight instead,
+which multiplies the normalized q before RoPE. The depth schemes fold the same way: a depth parametrization's constant
+branch multiplier m into every branch's last linear map (`o_proj`, `down_proj`, the experts' and shared experts'
+`down_proj`: m·W·x = (m·W)·x), LayerNorm Scaling's 1/√(l+1) into both norm weights of layer l
+(w ⊙ n(x)·s = (s·w) ⊙ n(x)). DeepNorm's post-norm layers are another architecture: refused.
 
 What maps where (anything else is refused, naming the field):
 
 - dense (num_experts = 0): Llama, with any head (tied or not), GQA, head_dim and rope type (both models compute
   RoPE from the same `rope_parameters` through Transformers' registry).
+- `qk_norm=True`: Qwen3 (dense) or Qwen3-MoE, whose attention is ours with `q_norm` / `k_norm` (RMSNorm over head_dim
+  on each head before RoPE) and whose router is ours (softmax, top-k, renormalized when `norm_topk_prob`, either
+  value); our `first_k_dense_layers` are its `mlp_only_layers` (width `intermediate_size`). Refused: shared experts
+  and a nonzero balancing bias, which Qwen3-MoE does not have.
 - MoE with `norm_topk_prob=True` (softmax over the router logits, top-k, renormalized):
   - without shared experts, leading dense layers and a nonzero balancing bias: Mixtral, the same routing.
   - otherwise (or when the routers' balancing bias is nonzero): ERNIE 4.5 MoE, whose shared experts are ours (one
@@ -19,9 +26,9 @@ What maps where (anything else is refused, naming the field):
     `first_k_dense_layers`. It routes as we do: its `e_score_correction_bias` is added to the softmax probabilities
     to choose the top k only, as ours is; and it rotates adjacent pairs (2i, 2i+1) where Llama rotates (i, i + d/2), so
     each head's q and k rows are reordered to match: the same dot products, exactly.
-- MoE with `norm_topk_prob=False`: refused. Transformers 5.24's classes that can skip the renormalization
-  (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms; Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses
-  latent attention and sigmoid routing.
+- MoE with `norm_topk_prob=False` and no `qk_norm`: refused. Transformers 5.24's classes that can skip the
+  renormalization (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms; Qwen2-MoE gates its shared expert with a sigmoid;
+  DeepSeek-V3 uses latent attention and sigmoid routing.
 
 The tokenizer goes as a `tokenizer.json` that `PreTrainedTokenizerFast` loads: the checkpoint's own (a BPE from
 `acx-rt tokenizer train`), or, for the byte tokenizer, the same 256 bytes + 3 specials as a merge-free byte-level
@@ -43,6 +50,10 @@ from transformers import (
     MixtralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from ..training.bpe import SPECIAL_TOKENS, _renumbered_like_byte_tokenizer
@@ -54,7 +65,7 @@ from ..modeling_ramanujan import RamanujanDecoderLayer, RamanujanForCausalLM, ro
 from ..files import read_json_object
 from ..tokenization_ramanujan import DEFAULT_CHAT_TEMPLATE, RamanujanByteTokenizer
 
-# Fields every exported config carries over unchanged (the names are Llama's, Mixtral's and ERNIE's too).
+# Fields every exported config carries over unchanged (the names are Llama's, Mixtral's, ERNIE's and Qwen3's too).
 SHARED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "hidden_act", "max_position_embeddings", "rope_parameters", "rms_norm_eps", "tie_word_embeddings",
@@ -72,22 +83,26 @@ class UnrepresentableError(ValueError):
 
 def target_config(
     config: RamanujanConfig, router_bias: bool = False
-) -> LlamaConfig | MixtralConfig | Ernie4_5_MoeConfig:
-    """The Llama / Mixtral / ERNIE 4.5 MoE config of the same shapes; UnrepresentableError names what cannot map.
+) -> LlamaConfig | MixtralConfig | Ernie4_5_MoeConfig | Qwen3Config | Qwen3MoeConfig:
+    """The Llama / Mixtral / ERNIE 4.5 MoE / Qwen3 / Qwen3-MoE config of the same shapes; UnrepresentableError names
+    what cannot map.
 
-    `router_bias`: the routers' balancing biases are nonzero, which Mixtral cannot represent (ERNIE can)."""
+    `router_bias`: the routers' balancing biases are nonzero, which Mixtral and Qwen3-MoE cannot represent (ERNIE can)."""
     if config.deepnorm:
         raise UnrepresentableError(
-            "deepnorm=True (post-norm layers, x ← norm(α·x + f(x))) has no Llama, Mixtral or ERNIE equivalent: they are "
-            "pre-norm"
+            "deepnorm=True (post-norm layers, x ← norm(α·x + f(x))) has no Llama, Mixtral, ERNIE or Qwen3 equivalent: "
+            "they are pre-norm"
         )
     shared = {name: getattr(config, name) for name in SHARED_FIELDS}
+    if config.qk_norm:
+        return qwen3_config(config, shared, router_bias)
     if not config.is_moe:
         return LlamaConfig(**shared, intermediate_size=config.intermediate_size, attention_bias=False, mlp_bias=False)
     if not config.norm_topk_prob:
         raise UnrepresentableError(
             "norm_topk_prob=False has no exact in-library equivalent: Mixtral and ERNIE 4.5 MoE always renormalize the "
-            "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms"
+            "top-k weights, and the classes that need not (Qwen3-MoE, OLMoE) normalize q and k with RMSNorms "
+            "(with qk_norm=True, Qwen3-MoE represents it)"
         )
     if config.num_shared_experts == 0 and config.first_k_dense_layers == 0 and not router_bias:
         return MixtralConfig(
@@ -114,6 +129,35 @@ def target_config(
     )
 
 
+def qwen3_config(config: RamanujanConfig, shared: dict, router_bias: bool) -> Qwen3Config | Qwen3MoeConfig:
+    """Qwen3 (dense) or Qwen3-MoE for a qk_norm model: full attention in every layer (no sliding window), no biases."""
+    attention = dict(attention_bias=False, use_sliding_window=False)
+    if not config.is_moe:
+        return Qwen3Config(**shared, **attention, intermediate_size=config.intermediate_size)
+    if config.num_shared_experts:
+        raise UnrepresentableError(
+            f"qk_norm=True with num_shared_experts={config.num_shared_experts}: Qwen3-MoE, the in-library class with "
+            "per-head q/k norms, has no shared experts"
+        )
+    if router_bias:
+        raise UnrepresentableError(
+            "qk_norm=True with a nonzero router balancing bias (router_bias_update_rate > 0 moved it): Qwen3-MoE "
+            "chooses experts by the router probabilities alone"
+        )
+    return Qwen3MoeConfig(
+        **shared,
+        **attention,
+        intermediate_size=config.intermediate_size,
+        moe_intermediate_size=config.moe_intermediate_size,
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        norm_topk_prob=config.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(range(config.first_k_dense_layers)),
+        output_router_logits=False,
+    )
+
+
 def pairs_adjacent(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of each head reordered from (i, i + d/2) rotary pairs to (2i, 2i + 1) (ERNIE's and llama.cpp's layout)."""
     rows, columns = weight.shape
@@ -121,7 +165,8 @@ def pairs_adjacent(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def query_factors(config: RamanujanConfig) -> list[float]:
-    """Per layer, our attention scale divided by the standard 1/√head_dim: what q_proj's rows are multiplied by."""
+    """Per layer, our attention scale divided by the standard 1/√head_dim: what q_proj's rows (q_norm's weight with
+    qk_norm) are multiplied by."""
     standard = config.head_dim**-0.5
     return [
         attention_scaling(config.head_dim, layer, config.attention_scale_alpha, config.attention_scale_decay) / standard
@@ -130,11 +175,11 @@ def query_factors(config: RamanujanConfig) -> list[float]:
 
 
 def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch.Tensor]:
-    """Our weights under the `target` config's names, q_proj scaled by `query_factors`, the branch multiplier and
-    LayerNorm Scaling folded in (`folded_factors`).
+    """Our weights under the `target` config's names, q_proj (q_norm with qk_norm) scaled by `query_factors`, the branch
+    multiplier and LayerNorm Scaling folded in (`folded_factors`).
 
-    Our names are Llama's already; only the MoE router is Mixtral's and ERNIE's `mlp.gate` (the fused expert weights
-    share their layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)). For ERNIE, q and k rows are
+    Our names are Llama's (and Qwen3's) already; only the MoE router is Mixtral's, ERNIE's and Qwen3-MoE's `mlp.gate`
+    (the fused expert weights share their layout: gate_up_proj (E, 2·I, H) with gate first, down_proj (E, H, I)). For ERNIE, q and k rows are
     reordered to its rotary layout and our routers' balancing bias becomes its score-correction bias (Mixtral has
     none: `target_config` picks it only when the bias is zero).
     """
@@ -144,9 +189,10 @@ def converted_state_dict(model: RamanujanForCausalLM, target) -> dict[str, torch
              if not name.endswith(".mlp.e_score_correction_bias")}
     for name, factor in folded_factors(model).items():
         state[name] = state[name] * factor
+    scaled = "q_norm.weight" if config.qk_norm else "q_proj.weight"
     for layer, factor in enumerate(query_factors(config)):
         attention = f"model.layers.{layer}.self_attn."
-        state[attention + "q_proj.weight"] = state[attention + "q_proj.weight"] * factor
+        state[attention + scaled] = state[attention + scaled] * factor
         if ernie:
             for name, heads in (("q_proj.weight", config.num_attention_heads), ("k_proj.weight", config.num_key_value_heads)):
                 state[attention + name] = pairs_adjacent(state[attention + name], heads)
@@ -174,11 +220,16 @@ def folded_factors(model: RamanujanForCausalLM) -> dict[str, float]:
 
 
 def to_transformers_model(model: RamanujanForCausalLM) -> PreTrainedModel:
-    """A LlamaForCausalLM / MixtralForCausalLM / Ernie4_5_MoeForCausalLM holding our weights (same dtype), in eval mode."""
+    """The Transformers model `target_config` picks (Llama, Mixtral, ERNIE 4.5 MoE, Qwen3, Qwen3-MoE) holding our
+    weights (same dtype), in eval mode."""
     config = target_config(model.config, router_bias=any(bias.any().item() for bias in router_biases(model)))
-    target_class = {MixtralConfig: MixtralForCausalLM, Ernie4_5_MoeConfig: Ernie4_5_MoeForCausalLM}.get(
-        type(config), LlamaForCausalLM
-    )
+    target_class = {
+        LlamaConfig: LlamaForCausalLM,
+        MixtralConfig: MixtralForCausalLM,
+        Ernie4_5_MoeConfig: Ernie4_5_MoeForCausalLM,
+        Qwen3Config: Qwen3ForCausalLM,
+        Qwen3MoeConfig: Qwen3MoeForCausalLM,
+    }[type(config)]
     with torch.device("meta"):
         target = target_class(config)
     target.load_state_dict(converted_state_dict(model, config), strict=True, assign=True)
@@ -212,15 +263,15 @@ def fast_tokenizer(checkpoint: Path) -> PreTrainedTokenizerFast | None:
     return None
 
 
-def model_card(config, alpha: float, folded: bool) -> ModelCard:
+def model_card(config, alpha: float, folded_into: str, folded: bool) -> ModelCard:
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=["acx-ramanujan", config.model_type])
     body = (
         f"# {config.architectures[0]} exported from an acx-ramanujan-transformer checkpoint\n\n"
         f"A standard `{config.architectures[0]}` checkpoint: load it with `AutoModelForCausalLM.from_pretrained(path)`,"
         " no `trust_remote_code`. It was written by `acx-rt export --format llama`, which checked that its logits"
         " equal the original model's.\n\n"
-        f"The original's per-layer attention temperature (α = {alpha}) is folded into each layer's `q_proj` weights,"
-        " so these weights differ from the original's `q_proj` by that per-layer factor.\n"
+        f"The original's per-layer attention temperature (α = {alpha}) is folded into each layer's `{folded_into}`"
+        f" weights, so these weights differ from the original's `{folded_into}` by that per-layer factor.\n"
         + ("\nThe original's depth scheme (a constant residual-branch multiplier, or LayerNorm Scaling's per-layer"
            " factor on the pre-norms) is folded the same way into `o_proj` and the `down_proj` weights, or into the"
            " norm weights.\n" if folded else "")
@@ -248,7 +299,7 @@ def greedy_tokens(reference: torch.nn.Module, target: torch.nn.Module) -> tuple[
 
 
 def export(model: RamanujanForCausalLM, checkpoint: Path, args, directory: Path) -> tuple[list[str], list[str]]:
-    """Write the Llama / Mixtral / ERNIE checkpoint (config, safetensors, generation config, tokenizer, README.md), load it
+    """Write the Transformers checkpoint (config, safetensors, generation config, tokenizer, README.md), load it
     back with Transformers' class and compare: (written files, report lines)."""
     try:
         target = to_transformers_model(model)
@@ -258,7 +309,10 @@ def export(model: RamanujanForCausalLM, checkpoint: Path, args, directory: Path)
     tokenizer = fast_tokenizer(checkpoint)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    model_card(target.config, model.config.attention_scale_alpha, bool(folded_factors(model))).save(directory / "README.md")
+    folded_into = "q_norm" if model.config.qk_norm else "q_proj"
+    model_card(target.config, model.config.attention_scale_alpha, folded_into, bool(folded_factors(model))).save(
+        directory / "README.md"
+    )
 
     architecture = target.config.architectures[0]
     loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
