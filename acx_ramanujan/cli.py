@@ -15,7 +15,8 @@ SUBCOMMANDS = {
     "compare-init": ("acx_ramanujan.study.compare_init", "train layers x schemes x seeds and compare validation loss"),
     "visualize": ("acx_ramanujan.study.visualize", "plot variance, gradients, attention and expert load of a checkpoint"),
     "bench-speed": ("acx_ramanujan.bench.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
-    "export": ("acx_ramanujan.export", "export a checkpoint to ONNX, Llama/Mixtral or GGUF, verified against the model"),
+    "export": ("acx_ramanujan.export", "export a checkpoint to ONNX, a plain Transformers checkpoint (Llama, Mixtral, "
+               "ERNIE, Qwen3) or GGUF, verified against the model"),
 }
 
 

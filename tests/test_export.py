@@ -17,8 +17,14 @@ from transformers.exporters import ExportedModel  # noqa: E402  (needs onnxscrip
 
 
 def save_checkpoint(directory, config, seed=0):
+    """A random model of `config`, its RMSNorm weights (the q/k norms too) drawn away from their initial ones."""
     torch.manual_seed(seed)
-    RamanujanForCausalLM(config).save_pretrained(directory)
+    model = RamanujanForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
     RamanujanByteTokenizer().save_pretrained(directory)
     return directory
 
@@ -81,8 +87,10 @@ def test_verification_rejects_a_graph_that_disagrees(dense_export):
         export_onnx.verify(output_dir, perturbed, with_past=False)
 
 
-def test_moe_with_past_generates_like_generate(tmp_path, capsys):
-    config = tiny_moe_config(num_shared_experts=1, eos_token_id=None)
+@pytest.mark.parametrize("config", [tiny_moe_config(num_shared_experts=1, eos_token_id=None),
+                                    tiny_moe_config(qk_norm=True, attention_scale_alpha=0.5, eos_token_id=None)],
+                         ids=["moe_shared", "moe_qk_norm"])
+def test_moe_with_past_generates_like_generate(tmp_path, capsys, config):
     checkpoint = save_checkpoint(tmp_path / "checkpoint", config, seed=3)
     output_dir = tmp_path / "onnx"
     assert export.main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir), "--with_past"]) == 0

@@ -19,8 +19,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_
 
 
 def save_checkpoint(directory, config, tokenizer=None, seed=0):
+    """A random model of `config`, its RMSNorm weights (the q/k norms too) drawn away from their initial ones."""
     torch.manual_seed(seed)
-    RamanujanForCausalLM(config).save_pretrained(directory)
+    model = RamanujanForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
     (tokenizer or RamanujanByteTokenizer()).save_pretrained(directory)
     return directory
 
@@ -65,9 +71,46 @@ def test_file_holds_the_llama_architecture_and_the_byte_vocabulary(tmp_path):
     np.testing.assert_allclose(factors[1:], 8.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_qk_norm_file_holds_qwen3_with_its_q_and_k_norms_and_neox_rows(tmp_path, moe):
+    """qk_norm → llama.cpp's qwen3 / qwen3moe: q/k norms per layer (q_norm with the temperature folded in, as in the
+    Qwen3 export), q_proj and k_proj rows in Transformers' order (qwen3 ropes NEOX-style: no reordering)."""
+    from acx_ramanujan.export.llama import to_transformers_model
+
+    overrides = dict(qk_norm=True, attention_scale_alpha=0.5, tie_word_embeddings=True)
+    config = tiny_moe_config(**overrides) if moe else tiny_config(**overrides)
+    checkpoint, path = export_file(tmp_path, config, "f32")
+    reader = gguf.GGUFReader(path)
+    arch = "qwen3moe" if moe else "qwen3"
+    assert field(reader, "general.architecture") == arch
+    assert field(reader, f"{arch}.attention.key_length") == config.head_dim
+    tensors = {tensor.name: np.asarray(tensor.data) for tensor in reader.tensors}
+    qwen3 = to_transformers_model(RamanujanForCausalLM.from_pretrained(checkpoint)).state_dict()
+    for layer in range(config.num_hidden_layers):
+        ours = f"model.layers.{layer}.self_attn."
+        for gguf_name, name in (("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm"), ("attn_q", "q_proj"),
+                                ("attn_k", "k_proj")):
+            expected = qwen3[ours + name + ".weight"].numpy()
+            np.testing.assert_array_equal(tensors[f"blk.{layer}.{gguf_name}.weight"], expected)
+    if moe:
+        assert field(reader, "qwen3moe.expert_count") == config.num_experts
+        assert field(reader, "qwen3moe.expert_used_count") == config.num_experts_per_tok
+        assert field(reader, "qwen3moe.expert_feed_forward_length") == config.moe_intermediate_size
+        assert tensors["blk.1.ffn_gate_exps.weight"].shape == (config.num_experts, config.moe_intermediate_size,
+                                                               config.hidden_size)
+    assert "rope_freqs.weight" not in tensors and "output.weight" not in tensors
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        (dict(qk_norm=True, rope_parameters=LLAMA3_ROPE),
+         "rope_type 'llama3': the GGUF export writes default for llama.cpp's qwen3"),
+        (dict(qk_norm=True, num_experts=4, first_k_dense_layers=1),
+         "first_k_dense_layers=1: llama.cpp's qwen3moe makes every layer MoE"),
+        (dict(qk_norm=True, num_experts=4, norm_topk_prob=False),
+         "norm_topk_prob=False: llama.cpp's qwen3moe always renormalizes"),
+        (dict(qk_norm=True, num_experts=4, num_shared_experts=1), "qk_norm=True with num_shared_experts=1: Qwen3-MoE"),
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type 'yarn'"),
         (dict(num_experts=4, num_shared_experts=1), "maps to Ernie4_5_MoeForCausalLM (shared experts, leading dense layers"),
         (dict(num_experts=4, norm_topk_prob=False), "norm_topk_prob=False has no exact in-library equivalent"),
@@ -152,6 +195,11 @@ def ours(checkpoint, prompts):
         ("moe_as_mixtral", tiny_moe_config(attention_scale_alpha=0.5), "f32", 1e-3),
         ("dense_depth_schemes", tiny_config(num_hidden_layers=3, **DEPTH_SCHEMES), "f32", 1e-3),
         ("moe_depth_schemes", tiny_moe_config(num_hidden_layers=3, **DEPTH_SCHEMES), "f32", 1e-3),
+        ("qk_norm_as_qwen3", tiny_config(qk_norm=True, attention_scale_alpha=0.3), "f32", 1e-3),
+        ("qk_norm_as_qwen3", tiny_config(qk_norm=True, attention_scale_alpha=0.3), "f16", 2e-2),
+        ("qk_norm_tied_mqa_as_qwen3", tiny_config(qk_norm=True, tie_word_embeddings=True, num_key_value_heads=1,
+                                                  head_dim=16, attention_scale_alpha=0.8), "f32", 1e-3),
+        ("qk_norm_moe_as_qwen3moe", tiny_moe_config(qk_norm=True, attention_scale_alpha=0.5), "f32", 1e-3),
         ("bpe_tokenizer", None, "f32", 1e-3),
         ("dense_alpha", tiny_config(attention_scale_alpha=0.3), "q8_0", None),
     ],

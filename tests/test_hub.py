@@ -406,6 +406,13 @@ def test_hub_card_for_moe_and_for_a_run_that_recorded_nothing(tmp_path):
     assert float(rows[1][7]) == pytest.approx(math.sqrt(2 / (config.hidden_size + config.moe_intermediate_size)), rel=1e-3)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_hub_card_says_whether_the_model_normalizes_q_and_k(tmp_path, qk_norm):
+    card = ModelCard.load(write_model_card(tmp_path, tiny_config(qk_norm=qk_norm), eval_results={}, training={}))
+    assert ("| QK-norm | RMSNorm over the head dimension" in card.text) == qk_norm
+    assert "| Tied embeddings |" in card.text  # the table around it unbroken
+
+
 MODEL_REPO_FILES = {"config.json", "generation_config.json", "model.safetensors", "configuration_ramanujan.py",
                     "modeling_ramanujan.py", "initialization_ramanujan.py", "tokenization_ramanujan.py",
                     "tokenizer_config.json", "added_tokens.json", "chat_template.jinja", "README.md"}

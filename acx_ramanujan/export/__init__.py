@@ -2,8 +2,9 @@
 is written (a failed check writes nothing).
 
 - `--format onnx` (`export_onnx`): one ONNX graph, verified in ONNX Runtime.
-- `--format llama` (`export_llama`): a standard LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) checkpoint,
-  loadable without this package, verified by loading it back with Transformers' own class.
+- `--format llama` (`export_llama`): a standard LlamaForCausalLM (dense) or MixtralForCausalLM / ERNIE 4.5 MoE (MoE)
+  checkpoint, Qwen3 / Qwen3-MoE with `qk_norm`, loadable without this package, verified by loading it back with
+  Transformers' own class.
 - `--format gguf` (`export_gguf`): one GGUF file for llama.cpp, verified in llama.cpp when llama-cpp-python is
   installed.
 

@@ -1,14 +1,20 @@
 """`acx-rt export --format gguf`: one GGUF file for llama.cpp (and what runs on it: Ollama, LM Studio ...).
 
-Written with the `gguf` package (llama.cpp's own writer) from the Llama / Mixtral model `export_llama` builds, so
-the attention temperature is already folded into q_proj and the same refusals apply. Architecture "llama" (dense,
-and Mixtral's experts as llama.cpp stores them). Two things differ from the Transformers layout:
+Written with the `gguf` package (llama.cpp's own writer) from the Llama / Mixtral / Qwen3 / Qwen3-MoE model
+`export_llama` builds, so the attention temperature is already folded into q_proj (q_norm with qk_norm) and the same
+refusals apply. Architectures: "llama" (dense, and Mixtral's experts as llama.cpp stores them); with qk_norm "qwen3"
+and "qwen3moe" (`attn_q_norm` / `attn_k_norm` per layer). What differs from the Transformers layout:
 
-- llama.cpp rotates adjacent pairs (2i, 2i+1) of q and k; Transformers' Llama rotates (i, i + d/2). Each head's
-  rows of q_proj and k_proj are reordered so that pair i lands at (2i, 2i+1): the same dot products, exactly.
-- RoPE types that only rescale the frequencies (default, linear, llama3) go as `rope.freq_base` plus llama.cpp's
-  `rope_freqs` tensor (per pair, the factor its frequency is divided by), taken from Transformers' own rotary
-  tables. Types whose tables scale cos/sin or change with the length (yarn, longrope, dynamic) are refused.
+- llama.cpp's "llama" rotates adjacent pairs (2i, 2i+1) of q and k; Transformers' Llama rotates (i, i + d/2). Each
+  head's rows of q_proj and k_proj are reordered so that pair i lands at (2i, 2i+1): the same dot products, exactly.
+  Its "qwen3" and "qwen3moe" rotate (i, i + d/2) as Transformers does (NEOX rope, llama_model_rope_type in
+  llama.cpp's src/llama-model.cpp): no reordering.
+- On "llama", RoPE types that only rescale the frequencies (default, linear, llama3) go as `rope.freq_base` plus
+  llama.cpp's `rope_freqs` tensor (per pair, the factor its frequency is divided by), taken from Transformers' own
+  rotary tables. Types whose tables scale cos/sin or change with the length (yarn, longrope, dynamic) are refused.
+  llama.cpp's "qwen3" / "qwen3moe" graphs read no `rope_freqs`: there only the default rope type is written.
+- llama.cpp's "qwen3moe" makes every layer MoE and always renormalizes the top-k weights: leading dense layers
+  (Qwen3-MoE's `mlp_only_layers`) and `norm_topk_prob=False` are refused there.
 
 Tokenizer: a "gpt2" byte-level BPE vocabulary, the same tokens and merges as the exported `tokenizer.json` (byte
 b is the token written in GPT-2's byte alphabet, id b; <pad>, <s>, </s> are control tokens). llama.cpp insists on
@@ -23,7 +29,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from transformers import MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen3MoeConfig
 
 from ..commands import InputError
 from . import ExportError
@@ -41,29 +47,48 @@ MAX_ABS_DIFF = {"f32": 1e-3, "f16": 2e-2}
 VERIFY_TEXTS = ["Hello, world!", "Ramanujan ∑ 1729 — é 漢字 😀", "  two spaces\tand a tab\n"]
 GENERATE_TOKENS = 8
 N_CTX = 64
-ROPE_TYPES = ("default", "linear", "llama3")
+# Transformers model_type → llama.cpp architecture, and the rope types written for it.
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
+                 "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
+ROPE_TYPES = {gguf.MODEL_ARCH.LLAMA: ("default", "linear", "llama3"), gguf.MODEL_ARCH.QWEN3: ("default",),
+              gguf.MODEL_ARCH.QWEN3MOE: ("default",)}
 GGUF_FILE = "model-{outtype}.gguf"
 # Stands in for the empty merges list of a merge-free vocabulary (see the module docstring).
 INERT_MERGE = "<s> </s>"
 
 
 class GgufError(ValueError):
-    """What llama.cpp's "llama" architecture cannot represent, named."""
+    """What llama.cpp's architectures cannot represent, named."""
 
 
-def check_representable(config) -> None:
-    if config.model_type not in ("llama", "mixtral"):
+def architecture(config) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for the exported Transformers config; GgufError names what it cannot represent."""
+    if config.model_type not in ARCHITECTURES:
         raise GgufError(
             f"the model maps to {config.architectures[0]} (shared experts, leading dense layers or a nonzero router "
-            "balancing bias); the GGUF export writes llama.cpp's llama architecture, dense or Mixtral-style MoE only "
+            "balancing bias); the GGUF export writes llama.cpp's llama architecture, dense or Mixtral-style MoE, and "
+            "with qk_norm its qwen3 / qwen3moe (export --format llama keeps it)"
+        )
+    arch = ARCHITECTURES[config.model_type]
+    name = gguf.MODEL_ARCH_NAMES[arch]
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES[arch]:
+        raise GgufError(
+            f"rope_parameters.rope_type {rope_type!r}: the GGUF export writes {', '.join(ROPE_TYPES[arch])} for "
+            f"llama.cpp's {name} architecture (frequency-only rescaling, as rope_freqs, on llama only); "
+            "export --format llama keeps it"
+        )
+    if isinstance(config, Qwen3MoeConfig) and config.mlp_only_layers:
+        raise GgufError(
+            f"first_k_dense_layers={len(config.mlp_only_layers)}: llama.cpp's qwen3moe makes every layer MoE "
             "(export --format llama keeps it)"
         )
-    rope_type = config.rope_parameters.get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
+    if isinstance(config, Qwen3MoeConfig) and not config.norm_topk_prob:
         raise GgufError(
-            f"rope_parameters.rope_type {rope_type!r}: the GGUF export writes {', '.join(ROPE_TYPES)} (frequency-only "
-            "rescaling); export --format llama keeps it"
+            "norm_topk_prob=False: llama.cpp's qwen3moe always renormalizes the top-k weights (export --format llama "
+            "keeps it)"
         )
+    return arch
 
 
 def rope_factors(model: PreTrainedModel) -> np.ndarray | None:
@@ -79,19 +104,20 @@ def rope_factors(model: PreTrainedModel) -> np.ndarray | None:
     return factors.float().numpy()
 
 
-def gguf_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """GGUF name → tensor (float32), named through gguf's own table of Transformers names."""
+def gguf_tensors(model: PreTrainedModel, arch: gguf.MODEL_ARCH) -> dict[str, torch.Tensor]:
+    """GGUF name → tensor (float32), named through gguf's own table of Transformers names for `arch`."""
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    adjacent_pairs = arch == gguf.MODEL_ARCH.LLAMA  # the rope layout of llama.cpp's llama (see the module docstring)
     tensors = {}
     for name, tensor in state.items():
         tensor = tensor.float()
-        if name.endswith("self_attn.q_proj.weight"):
+        if adjacent_pairs and name.endswith("self_attn.q_proj.weight"):
             tensor = pairs_adjacent(tensor, config.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif adjacent_pairs and name.endswith("self_attn.k_proj.weight"):
             tensor = pairs_adjacent(tensor, config.num_key_value_heads)
         if name.endswith("experts.gate_up_proj"):  # (E, 2I, H), gate first: llama.cpp keeps gate and up apart
             layer = name.split(".")[2]
@@ -141,6 +167,10 @@ def write_metadata(writer: gguf.GGUFWriter, config, file_type: gguf.LlamaFileTyp
     if isinstance(config, MixtralConfig):
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+    if isinstance(config, Qwen3MoeConfig):
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
 def write_vocabulary(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast) -> None:
@@ -186,15 +216,16 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> Non
 
 
 def export_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, outtype: str, directory: Path) -> Path:
-    """Write `model-{outtype}.gguf` into `directory`. `model` is the Llama / Mixtral from `export_llama`."""
-    check_representable(model.config)
+    """Write `model-{outtype}.gguf` into `directory`. `model` is the Llama / Mixtral / Qwen3 / Qwen3-MoE from
+    `export_llama`."""
+    arch = architecture(model.config)
     check_vocabulary(tokenizer, model.config.vocab_size)
     file_type, quantization = OUTTYPES[outtype]
     path = directory / GGUF_FILE.format(outtype=outtype)
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     write_metadata(writer, model.config, file_type, f"acx-ramanujan {model.config.architectures[0]}")
     write_vocabulary(writer, tokenizer)
-    for name, tensor in gguf_tensors(model).items():
+    for name, tensor in gguf_tensors(model, arch).items():
         data, raw_type = stored(tensor, quantization)
         writer.add_tensor(name, data, raw_dtype=raw_type)
     writer.write_header_to_file()
