@@ -210,6 +210,8 @@ def test_llama_cpp_runs_the_file_like_our_model(tmp_path, llama_cpp, name, confi
         tokenizer = train_bpe_tokenizer(iter(["the cat sat on the mat " * 20, "the dog sat on the log " * 20]), 300)
         config = tiny_config(vocab_size=len(tokenizer), attention_scale_alpha=0.3)
     checkpoint, path = export_file(tmp_path, config, outtype, tokenizer)
+    expected_arch = "qwen3moe" if name.endswith("qwen3moe") else "qwen3" if name.endswith("qwen3") else "llama"
+    assert field(gguf.GGUFReader(path), "general.architecture") == expected_arch
     prompts, logits, generated = export_gguf.llama_cpp_run(path, TEXTS, NEW_TOKENS)
 
     tokenizer = tokenizer or RamanujanByteTokenizer()
