@@ -129,10 +129,21 @@ def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, capsys, overrides,
 DEPTH_SCHEMES = dict(depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True)
 
 
-@pytest.mark.parametrize("overrides", [dict(attention_scale_alpha=0.3), dict(attention_scale_alpha=0.3, **DEPTH_SCHEMES)])
-def test_f32_file_read_by_transformers_gives_our_logits(tmp_path, overrides):
-    """Transformers' own GGUF reader (dense llama files: it undoes llama.cpp's q/k row order) as a second consumer of
-    the file, where llama.cpp is not installed: the depth schemes' factors are folded into the written weights."""
+# Transformers' GGUF reader takes head_dim (qwen3) and the expert width (qwen3moe) from its config defaults, not from the
+# file: 128 and 768 here, as in Qwen3's released models, so that it builds the shapes the file holds.
+QWEN3_READER_SHAPE = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128, moe_intermediate_size=768)
+
+
+@pytest.mark.parametrize("overrides, architecture", [
+    (dict(attention_scale_alpha=0.3), "LlamaForCausalLM"),
+    (dict(attention_scale_alpha=0.3, **DEPTH_SCHEMES), "LlamaForCausalLM"),
+    (dict(qk_norm=True, attention_scale_alpha=0.3, **DEPTH_SCHEMES, **QWEN3_READER_SHAPE), "Qwen3ForCausalLM"),
+    (dict(qk_norm=True, attention_scale_alpha=0.3, num_experts=4, **QWEN3_READER_SHAPE), "Qwen3MoeForCausalLM"),
+])
+def test_f32_file_read_by_transformers_gives_our_logits(tmp_path, overrides, architecture):
+    """Transformers' own GGUF reader (llama files: it undoes llama.cpp's q/k row order; qwen3 / qwen3moe files as they
+    are) as a second consumer of the file, where llama.cpp is not installed: the depth schemes' factors and the
+    temperature are folded into the written weights."""
     from transformers import AutoModelForCausalLM
 
     checkpoint, path = export_file(tmp_path, tiny_config(num_hidden_layers=3, **overrides), "f32")
@@ -141,7 +152,7 @@ def test_f32_file_read_by_transformers_gives_our_logits(tmp_path, overrides):
     input_ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         difference = (theirs(input_ids).logits - model(input_ids).logits).abs().max().item()
-    assert type(theirs).__name__ == "LlamaForCausalLM" and difference < 1e-5
+    assert type(theirs).__name__ == architecture and difference < 1e-5
 
 
 def test_moe_experts_carry_the_folded_branch_multiplier(tmp_path):
