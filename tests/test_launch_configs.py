@@ -62,4 +62,4 @@ def test_one_process_says_so(tmp_path, corpus, capsys):
     """What `accelerate launch --cpu --num_processes 2` really starts (one process, accelerate#2741) is visible."""
     assert pretrain.main(train_args(corpus, tmp_path / "run", "--max_train_steps", "1")) == 0
     assert capsys.readouterr().out.splitlines()[0] == ("1 process, distributed type NO, backend none, device cpu, "
-                                                       "mixed precision no")
+                                                       "mixed precision no (ACCELERATE_MIXED_PRECISION, which `accelerate launch` sets)")

@@ -54,7 +54,7 @@ def choose_precision(choice: str, config: RamanujanConfig, micro_batch: tuple[in
         return Precision(choice, "--mixed_precision")
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher:
-        return Precision(launcher.lower(), "the launcher's --mixed_precision")
+        return Precision(launcher.lower(), "ACCELERATE_MIXED_PRECISION, which `accelerate launch` sets")
     on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     device = torch.device("cuda" if on_cuda else "cpu")
     if not bf16_is_native(device):
