@@ -1,5 +1,7 @@
 """The speed benchmarks compare like with like, and the bounds' hand-written decode step computes what the model does."""
 
+import re
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -167,6 +169,7 @@ def test_serving_runs_the_gguf_export_in_llama_cpp_with_our_greedy_tokens(llama_
     row = serving("tiny", TINY_SHAPE, serving_args(compile=True))
     assert row["engines"] == ["ours eager", "ours static compiled", "llama eager", "llama.cpp f32", "llama.cpp f16"]
     assert row["not_run"] is None and row["llama_cpp"].startswith(f"llama-cpp-python {llama_cpp.__version__} (ggml ")
+    assert re.search(r"; CPU backend: [A-Z0-9_]+( [A-Z0-9_]+)*\)$", row["llama_cpp"]), row["llama_cpp"]
     assert row["tokens_equal_to_ours_eager"]["llama.cpp f32"] == 6
     assert row["tokens_equal_to_ours_eager"]["ours static compiled"] == 6
     assert all(row["deterministic"].values())

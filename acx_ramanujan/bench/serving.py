@@ -88,8 +88,9 @@ def llama_cpp_version() -> str:
 
     ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
-    features = [item.split("=")[0].strip() for item in llama_cpp.llama_print_system_info().decode().split("|")
-                if item.strip().endswith("= 1")]
+    # System info reads "CPU : SSE3 = 1 | AVX2 = 1 | ... |": the features switched on.
+    items = llama_cpp.llama_print_system_info().decode().split("|")
+    features = [item.split("=")[0].split(":")[-1].strip() for item in items if item.strip().endswith("= 1")]
     return (f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')} (ggml {ggml.ggml_version().decode()}, "
             f"commit {ggml.ggml_commit().decode()}; CPU backend: {' '.join(features)})")
 
