@@ -312,6 +312,8 @@ def serving(name: str, shape: dict, args) -> dict:
 
     return {**result, "engines": list(runs), "first_call_s": first_call_s,
             "decode_tokens_per_s": medians(lambda timeline: timeline.decode_tokens_per_s),
+            "decode_tokens_per_s_all": {label: [round(timeline.decode_tokens_per_s) for timeline in calls]
+                                        for label, calls in timelines.items()},
             "first_token_ms": medians(lambda timeline: 1e3 * timeline.first_token_s),
             "tokens_per_s": medians(lambda timeline: timeline.tokens_per_s),
             "tokens_equal_to_ours_eager": {label: leading_agreement(reference, timeline.tokens)
