@@ -3,7 +3,9 @@
 What a user waits for splits in two: the prompt pass with the first token, then one decode step per further token.
 Both engines are timed at the same two points, the same way: the clock starts before the call, and each new token
 is stamped when the engine hands it to the caller (`generate()`'s streamer; llama-cpp-python's `Llama.generate`
-yields it). The last token is not fed back on either side.
+yields it). The last token is not fed back on either side. llama.cpp's own counters (`llama_perf_context`) would
+time only its decode calls, without the sampler and the Python bindings a caller also waits for; one wall clock on
+both sides compares what a caller gets.
 """
 
 import ctypes
@@ -46,8 +48,8 @@ class Timeline:
 
 
 class TokenClock(BaseStreamer):
-    """A `generate()` streamer that stamps each new token. `generate()` first puts the prompt (not stamped), then
-    each step's tokens (batch 1: one)."""
+    """A `generate()` streamer that stamps each new token (Transformers' own streamers print or queue text; none
+    keeps times). `generate()` first puts the prompt (not stamped), then each step's tokens (batch 1: one)."""
 
     def start(self) -> None:
         self.started, self.times, self.tokens, self.prompt_seen = time.perf_counter(), [], [], False
@@ -86,13 +88,18 @@ def llama_cpp_version() -> str:
     features that ggml build uses (llama.cpp's system info)."""
     import llama_cpp
 
-    ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
+    # The wheel keeps its ggml beside the bindings (libggml-base.so, .dylib or ggml-base.dll).
+    libraries = sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-base*"))
+    ggml_version = "ggml version unknown"
+    if libraries:
+        ggml = ctypes.CDLL(str(libraries[0]))
+        ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
+        ggml_version = f"ggml {ggml.ggml_version().decode()}, commit {ggml.ggml_commit().decode()}"
     # System info reads "CPU : SSE3 = 1 | AVX2 = 1 | ... |": the features switched on.
     items = llama_cpp.llama_print_system_info().decode().split("|")
     features = [item.split("=")[0].split(":")[-1].strip() for item in items if item.strip().endswith("= 1")]
-    return (f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')} (ggml {ggml.ggml_version().decode()}, "
-            f"commit {ggml.ggml_commit().decode()}; CPU backend: {' '.join(features)})")
+    return (f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')} ({ggml_version}; "
+            f"CPU backend: {' '.join(features)})")
 
 
 def load_llama_cpp(path: Path, context: int, threads: int):

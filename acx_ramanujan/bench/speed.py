@@ -35,7 +35,8 @@ from ..files import write_json_atomically
 from ..configuration_ramanujan import RamanujanConfig
 from ..modeling_ramanujan import RamanujanForCausalLM
 from ..export.llama import byte_tokenizer_fast, to_transformers_model
-from .serving import Timeline, TokenClock, clocked, llama_cpp_generation, llama_cpp_missing, llama_cpp_version, load_llama_cpp
+from .serving import (Timeline, TokenClock, clocked, llama_cpp_generation, llama_cpp_missing, llama_cpp_version,
+                      load_llama_cpp)
 
 VOCAB_SIZE = 256
 # nanoGPT's CPU recipe (width 128, 4 layers, 4 heads, context 64, batch 12) and the larger shape.
