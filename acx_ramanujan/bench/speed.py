@@ -9,18 +9,23 @@ Generation both ways Transformers offers, for ours and Llama at batch 1 and 8: i
 forward, dynamic cache) and a static cache with the decode step compiled by `generate()` itself; tokens/s, the
 first call's seconds (which include compiling), whether the tokens are identical, and FLOP/s against the peaks.
 The training step of ours and the peer in fp32 and under bf16 autocast, eager and compiled, with FLOP/s against
-the peaks. Optional: two scaling curves (training step time against context length on the sdpa path, and against
-the number of experts at top-2), plotted as PNG.
+the peaks. Serving one sequence (batch 1, greedy), timed token by token: ours eager and static + compiled, Llama
+eager on the same weights, and their GGUF export (f32, f16) in llama.cpp through llama-cpp-python. Optional: two
+scaling curves (training step time against context length on the sdpa path, and against the number of experts at
+top-2), plotted as PNG.
 """
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
+from typing import TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -29,6 +34,9 @@ from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, Qwen3MoeC
 from ..files import write_json_atomically
 from ..configuration_ramanujan import RamanujanConfig
 from ..modeling_ramanujan import RamanujanForCausalLM
+from ..export.llama import byte_tokenizer_fast, to_transformers_model
+from .serving import (Timeline, TokenClock, clocked, llama_cpp_generation, llama_cpp_missing, llama_cpp_version,
+                      load_llama_cpp)
 
 VOCAB_SIZE = 256
 # nanoGPT's CPU recipe (width 128, 4 layers, 4 heads, context 64, batch 12) and the issue's larger shape.
@@ -39,13 +47,15 @@ SHAPES = {
     "width256": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=688, context=256, batch=8),
 }
 NUM_EXPERTS, TOP_K = 8, 2
+T = TypeVar("T")
 
 
-def model_configs(shape: dict, num_experts: int = 0, context: int | None = None) -> dict[str, object]:
+def model_configs(shape: dict, num_experts: int = 0, context: int | None = None,
+                  vocab_size: int = VOCAB_SIZE) -> dict[str, object]:
     """Ours and the Transformers peer (Llama when dense, Qwen3-MoE with experts) with the same shapes."""
     context = context or shape["context"]
     common = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
+        vocab_size=vocab_size, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
         num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_attention_heads"],
         intermediate_size=shape["intermediate_size"], max_position_embeddings=max(1024, context),
         pad_token_id=None, bos_token_id=None, eos_token_id=None,
@@ -110,18 +120,30 @@ def static_compiled_settings() -> dict:
     return {"cache_implementation": "static", "compile_config": compile_config}
 
 
-def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall-clock seconds per call, peers alternating call by call."""
+def interleaved_calls(runs: dict[str, Callable[[], T]], repeats: int, warmup: int = 1) -> dict[str, list[T]]:
+    """What each call returns, peers alternating call by call after `warmup` calls each."""
     for run in runs.values():
         for _ in range(warmup):
             run()
-    seconds = {name: [] for name in runs}
+    results = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds per call, peers alternating call by call."""
+
+    def timed(run):
+        def call():
             start = time.perf_counter()
             run()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+            return time.perf_counter() - start
+
+        return call
+
+    return interleaved_calls({name: timed(run) for name, run in runs.items()}, repeats, warmup)
 
 
 def _proc_status_kib(field: str) -> int:
@@ -238,6 +260,75 @@ def compiled_generation(name: str, shape: dict, batch_size: int, args, peaks: di
             "gflop_per_token": flops_per_token / 1e9,
             "fraction_of_peak": {label: {dtype: flops_per_token * tps / peak for dtype, peak in peaks.items()}
                                  for label, tps in tokens_per_s.items()}}
+
+
+GGUF_TYPES = ("f32", "f16")
+
+
+def serving(name: str, shape: dict, args) -> dict:
+    """What a user gets from serving one sequence (batch 1, greedy) of one model: ours through `generate()` (eager,
+    and with --compile static cache + compiled decode step), Llama's eager `generate()` on the same weights (the
+    export's Llama, the parity reference) and that model's GGUF export (f32, f16) in llama.cpp, with the same prompt
+    tokens, new tokens and threads. Interleaved, medians; each call timed token by token (`serving.Timeline`).
+
+    Random weights (seed 0) in the byte vocabulary (259 tokens: a GGUF file carries a tokenizer, one token per
+    embedding row); every engine's greedy tokens are compared with ours eager.
+    """
+    torch.compiler.reset()  # as in compiled_generation: a fresh recompile budget for this comparison
+    torch.manual_seed(0)
+    tokenizer = byte_tokenizer_fast()
+    ours = build(model_configs(shape, vocab_size=len(tokenizer))["ours"]).eval()
+    llama = to_transformers_model(ours)
+    prompt = torch.randint(0, VOCAB_SIZE, (1, args.prompt_tokens))
+    settings = {"ours eager": (ours, {}),
+                **({"ours static compiled": (ours, static_compiled_settings())} if args.compile else {}),
+                "llama eager": (llama, {})}
+    runs = {}
+    for label, (model, generate_kwargs) in settings.items():
+        clock = TokenClock()
+        run = greedy_generation(model, prompt, args.new_tokens, streamer=clock, **generate_kwargs)
+        runs[label] = clocked(run, clock)
+    result = {"shape": name, "batch": 1, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "threads": args.threads, "llama_cpp": None, "not_run": llama_cpp_missing()}
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as engines:
+        if result["not_run"] is None:
+            from ..export.gguf import export_gguf  # imports gguf, checked just above
+
+            result["llama_cpp"] = llama_cpp_version()
+            for outtype in GGUF_TYPES:
+                path = export_gguf(llama, tokenizer, outtype, Path(directory))
+                engine = engines.enter_context(
+                    contextlib.closing(load_llama_cpp(path, args.prompt_tokens + args.new_tokens, args.threads)))
+                runs[f"llama.cpp {outtype}"] = llama_cpp_generation(engine, prompt[0].tolist(), args.new_tokens)
+        first, first_call_s = {}, {}
+        for label, run in runs.items():  # the first call compiles; it is timed here and left out of the medians
+            start = time.perf_counter()
+            first[label] = run()
+            first_call_s[label] = time.perf_counter() - start
+        timelines = interleaved_calls(runs, args.repeats, warmup=0)
+    reference = first["ours eager"].tokens
+
+    def medians(figure: Callable[[Timeline], float]) -> dict[str, float]:
+        return {label: median(figure(timeline) for timeline in calls) for label, calls in timelines.items()}
+
+    return {**result, "engines": list(runs), "first_call_s": first_call_s,
+            "decode_tokens_per_s": medians(lambda timeline: timeline.decode_tokens_per_s),
+            "decode_tokens_per_s_all": {label: [round(timeline.decode_tokens_per_s) for timeline in calls]
+                                        for label, calls in timelines.items()},
+            "first_token_ms": medians(lambda timeline: 1e3 * timeline.first_token_s),
+            "tokens_per_s": medians(lambda timeline: timeline.tokens_per_s),
+            "tokens_equal_to_ours_eager": {label: leading_agreement(reference, timeline.tokens)
+                                           for label, timeline in first.items()},
+            "deterministic": {label: all(timeline.tokens == first[label].tokens for timeline in calls)
+                              for label, calls in timelines.items()}}
+
+
+def leading_agreement(reference: list[int], tokens: list[int]) -> int:
+    """How many tokens agree before the first difference (after one, greedy continuations go separate ways)."""
+    for index, (a, b) in enumerate(zip(reference, tokens)):
+        if a != b:
+            return index
+    return min(len(reference), len(tokens))
 
 
 PRECISIONS = {"fp32": None, "bf16 autocast": torch.bfloat16}
@@ -415,12 +506,30 @@ def markdown(results: dict) -> str:
             f"| {first['ours static compiled']:.0f} / {first['llama static compiled']:.0f} "
             f"| {row['identical_tokens']['ours']}, {row['identical_tokens']['llama']} "
             f"| {of_peaks(fraction, peaks)} |")
+    if results.get("serving"):
+        lines += ["", "| shape | engine | decode tok/s (tokens 2..n) | decode × Llama eager | prompt + first token, ms "
+                  "| end to end tok/s | greedy tokens equal to ours eager | first call s |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for row in results.get("serving", []):
+        decode = row["decode_tokens_per_s"]
+        for engine in row["engines"]:
+            lines.append(f"| {row['shape']} | {engine} | {decode[engine]:.0f} "
+                         f"| **{decode[engine] / decode['llama eager']:.2f}x** "
+                         f"| {row['first_token_ms'][engine]:.1f} | {row['tokens_per_s'][engine]:.0f} "
+                         f"| {row['tokens_equal_to_ours_eager'][engine]} / {row['new_tokens']} "
+                         f"| {row['first_call_s'][engine]:.1f} |")
+    for row in results.get("serving", []):
+        lines.append(f"- {row['shape']}, batch 1, {row['prompt_tokens']}-token prompt, {row['new_tokens']} greedy "
+                     f"tokens, {row['threads']} thread(s): "
+                     + (row["not_run"] or f"llama.cpp through {row['llama_cpp']}") + ".")
     return "\n".join(lines)
 
 
 PARTS = {"models": "ours against the peer, dense and MoE (training, prefill, generation, memory)",
          "precision": "the training step in fp32 and bf16 autocast, eager and compiled, dense and MoE",
-         "generation": "static cache + compiled decode step against the default generate() (needs --compile)"}
+         "generation": "static cache + compiled decode step against the default generate() (needs --compile)",
+         "serving": "batch-1 greedy generation as served: ours eager and static + compiled, Llama eager, and the GGUF "
+                    "export (f32, f16) in llama.cpp (needs llama-cpp-python; token by token, prompt apart)"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -448,6 +557,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("threads", "repeats", "prompt_tokens", "new_tokens", "scaling_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if "serving" in args.parts and args.new_tokens < 2:
+        parser.error("--parts serving times tokens 2..n apart from the first: "
+                     f"--new_tokens must be >= 2, got {args.new_tokens}")
     if min(args.generation_batches) < 1:
         parser.error(f"--generation_batches must be >= 1, got {min(args.generation_batches)}")
     if min(args.contexts) < 2 or min(args.experts) < TOP_K:
@@ -462,7 +574,7 @@ def main(argv: list[str]) -> int:
     peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
     results = {"started": started, "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
                "load_average_at_start": os.getloadavg(), "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
-               "argv": argv, "comparisons": [], "precision_and_compile": [], "compiled_generation": []}
+               "argv": argv, "comparisons": [], "precision_and_compile": [], "compiled_generation": [], "serving": []}
     for name in args.shapes:
         if "models" in args.parts:
             for num_experts in (0, NUM_EXPERTS):
@@ -478,6 +590,9 @@ def main(argv: list[str]) -> int:
                 print(f"[bench-speed] {name} generation, batch {batch_size}, static cache + compile ...",
                       file=sys.stderr, flush=True)
                 results["compiled_generation"].append(compiled_generation(name, SHAPES[name], batch_size, args, peaks))
+        if "serving" in args.parts:
+            print(f"[bench-speed] {name} serving, batch 1: generate() and llama.cpp ...", file=sys.stderr, flush=True)
+            results["serving"].append(serving(name, SHAPES[name], args))
     if args.scaling:
         print("[bench-speed] scaling ...", file=sys.stderr, flush=True)
         results["context_scaling"] = context_scaling(args)
