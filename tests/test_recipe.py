@@ -144,7 +144,7 @@ def test_expert_muon_steps_each_expert_matrix_as_muon_steps_a_matrix():
 
 def test_every_optimizer_follows_the_same_schedule_relative_to_its_peak():
     model = RamanujanForCausalLM(RamanujanConfig.from_preset("tiny", **SHAPE))
-    args = training_arguments(max_train_steps=100, optimizer="muon")  # warmup 5 steps, cosine to 0.1 x the peak
+    args = training_arguments(max_train_steps=100, optimizer="muon", warmup_ratio=0.05)  # warmup 5 steps, cosine to 0.1x
     optimizers = make_optimizers(model, args)
     schedulers = make_schedulers(args, optimizers)
     peaks = [args.learning_rate, args.muon_learning_rate]

@@ -4,3 +4,9 @@ verify        per-layer activations and gradients at initialization, plus the se
 compare_init  train layers × schemes × seeds through the pretraining code and compare validation loss
 visualize     plots of a saved checkpoint (activation variance, gradients, attention maps, expert load)
 """
+
+# The block every scheme of the study is measured in: the plain pre-norm Llama block the study was run with. The
+# `tiny` presets now add QK-norm and zero-initialized output projections (the training recipe's choice,
+# docs/benchmarks.md "Time to target"); a zero output projection would overwrite every scheme's own rule there, so
+# the study's models set both off unless a variant sets them itself.
+STUDY_ARCHITECTURE = {"qk_norm": False, "zero_init_output_projections": False}

@@ -40,6 +40,7 @@ from ..training.data import check_data_files, tokenize_and_pack
 from ..commands import InputError, WorkFailed, run_command
 from ..files import read_json_object, write_json_atomically, write_text_atomically
 from ..reporting import markdown_table, parse_name_list, save_figure
+from . import STUDY_ARCHITECTURE
 from ..tokenization_ramanujan import RamanujanByteTokenizer
 from ..training.progress import METRICS_LOG
 from ..training.pretrain import build_config, pretrain, raw_text, training_arguments
@@ -191,11 +192,13 @@ def check_finished_runs(args: argparse.Namespace) -> None:
 
 
 def same_setting(key: str, old, new) -> bool:
-    """Equal values; config overrides compare as parsed fields, so their order and spelling do not matter."""
+    """Equal values; config overrides compare as parsed fields, so their order and spelling do not matter, and a run
+    recorded before the study named its block (STUDY_ARCHITECTURE) was trained in that block."""
     if old == new or key != "config_overrides" or not isinstance(old, str):
         return old == new
     try:
-        return RamanujanConfig.parse_overrides(old) == RamanujanConfig.parse_overrides(new)
+        return {**STUDY_ARCHITECTURE, **RamanujanConfig.parse_overrides(old)} == {
+            **STUDY_ARCHITECTURE, **RamanujanConfig.parse_overrides(new)}
     except ValueError:  # e.g. a field this version no longer has
         return False
 
@@ -205,8 +208,11 @@ def preset(args: argparse.Namespace) -> str:
 
 
 def run_overrides(args: argparse.Namespace, layers: int, variant_overrides: str) -> str:
-    """Shared overrides, then the layer count, then the variant's own (later keys win)."""
-    return ",".join(part for part in (args.config_overrides, f"num_hidden_layers={layers}", variant_overrides) if part)
+    """The study's block (STUDY_ARCHITECTURE), the shared overrides, the layer count, then the variant's own (later
+    keys win)."""
+    study = ",".join(f"{name}={str(value).lower()}" for name, value in STUDY_ARCHITECTURE.items())
+    return ",".join(part for part in (study, args.config_overrides, f"num_hidden_layers={layers}", variant_overrides)
+                    if part)
 
 
 def warmup_steps(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from ..commands import run_command
 from ..configuration_ramanujan import RamanujanConfig
 from ..initialization_ramanujan import INIT_SCHEMES
 from ..modeling_ramanujan import RamanujanForCausalLM
+from . import STUDY_ARCHITECTURE
 from .chains import ACTIVATIONS, chain_closed_form_log10, chain_measured_log10
 from .probes import byte_token_batch, layer_gradient_norms, residual_rms_per_layer
 from ..files import write_json_atomically, write_text_atomically
@@ -74,7 +75,8 @@ def preset_name(args: argparse.Namespace) -> str:
 
 def stack_config(args: argparse.Namespace, scheme: str) -> RamanujanConfig:
     preset = preset_name(args)
-    overrides = {"num_hidden_layers": args.depth, "init_scheme": scheme, "deepnorm": scheme == "deepnorm"}
+    overrides = {**STUDY_ARCHITECTURE, "num_hidden_layers": args.depth, "init_scheme": scheme,
+                 "deepnorm": scheme == "deepnorm"}
     if args.hidden_size is not None:
         overrides["hidden_size"] = args.hidden_size
     return RamanujanConfig.from_preset(preset, **overrides)

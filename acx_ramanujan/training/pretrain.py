@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="learning-rate schedule (transformers.get_scheduler)")
     optim.add_argument("--min_lr_rate", type=float, default=0.1, help="cosine_with_min_lr's floor, a share of the peak")
     optim.add_argument("--num_warmup_steps", type=int, help="linear warmup steps (default: --warmup_ratio of the steps)")
-    optim.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps spent warming up")
+    optim.add_argument("--warmup_ratio", type=float, default=0.01, help="share of the steps spent warming up")
     optim.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
     optim.add_argument("--num_train_epochs", type=int, default=3, help="passes over the training blocks")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
