@@ -753,14 +753,23 @@ def chosen_experts(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None) 
     return torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32) + bias.to(logits.device), top_k, dim=-1).indices
 
 
+def routing_choices(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router probabilities, top-k assignments as a 0/1 count per expert) of each token of one MoE layer: the
+    choice the model made (chosen by probabilities + balancing bias, as `RamanujanSparseMoeBlock.select` does)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    scores = probs if bias is None else probs + bias.to(probs.device)
+    return probs, F.one_hot(torch.topk(scores, top_k, dim=-1).indices, logits.shape[-1]).sum(dim=1).float()
+
+
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...],
     top_k: int,
     attention_mask: torch.Tensor | None = None,
     biases: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """Switch-Transformer balance loss (Fedus et al. 2022, eqs. 4–6) in the top-k form of Mixtral's
-    `load_balancing_loss_func`, which Qwen3-MoE uses too: E · Σ_e f_e · P_e, the same value.
+    """The output's `aux_loss`: the Switch-Transformer balance loss (Fedus et al. 2022, eqs. 4–6) in the top-k form of
+    Mixtral's `load_balancing_loss_func`, which Qwen3-MoE uses too: E · Σ_e f_e · P_e, the same value, so that
+    clients that weight `aux_loss` by `router_aux_loss_coef` (TRL's DPO and GRPO trainers) balance as with Mixtral.
 
     f_e is the number of top-k assignments to expert e per token and P_e the mean router probability of e, both pooled
     over the tokens of every MoE layer (as Mixtral pools them, not a mean of per-layer losses). Σ_e f_e = k, so the loss
@@ -776,15 +785,39 @@ def load_balancing_loss(
     probabilities = torch.zeros(num_experts, device=device)
     tokens = torch.zeros((), device=device)
     for layer, logits in enumerate(router_logits):
-        probs = F.softmax(logits.to(device).float(), dim=-1)
-        scores = probs if biases is None else probs + biases[layer].to(device)
-        chosen = F.one_hot(torch.topk(scores, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+        probs, chosen = routing_choices(logits.to(device), top_k, None if biases is None else biases[layer])
         layer_weights = torch.ones(probs.shape[0], device=device) if weights is None else weights
         assignments = assignments + (chosen * layer_weights[:, None]).sum(0)
         probabilities = probabilities + (probs * layer_weights[:, None]).sum(0)
         tokens = tokens + layer_weights.sum()
     tokens = tokens.clamp_min(1)
     return num_experts * ((assignments / tokens) * (probabilities / tokens)).sum()
+
+
+def switch_balance_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    biases: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """The balance term our training loss adds (× router_aux_loss_coef): the same Switch loss per MoE layer, E · Σ_e
+    f_e · P_e with f_e the share of that layer's N·k top-k assignments going to expert e, averaged over layers. So
+    it is 1.0 at perfect balance for any k, and every layer is pushed to balance its own experts.
+
+    It is the term every MoE result in docs/ was trained with. Mixtral's pooled form (`load_balancing_loss`) in its
+    place trained worse at the quality anchor (docs/benchmarks.md, "Time to target"): pooled over layers, one
+    layer's overloaded expert can be offset by another layer's idle one. Padding (mask 0) is left out; `biases` as in
+    `load_balancing_loss`. Its arithmetic is the first release's, so earlier runs reproduce exactly.
+    """
+    losses = []
+    for layer, logits in enumerate(router_logits):
+        probs, chosen = routing_choices(logits, top_k, None if biases is None else biases[layer])
+        weights = torch.ones(probs.shape[0], device=probs.device) if attention_mask is None else attention_mask.reshape(-1).float()
+        weights = weights / weights.sum().clamp_min(1)  # an all-padding batch: weight 0, not 0/0
+        assignment_share = (chosen * weights[:, None]).sum(0) / top_k
+        mean_prob = (probs * weights[:, None]).sum(0)
+        losses.append(logits.shape[-1] * (assignment_share * mean_prob).sum())
+    return torch.stack(losses).mean()
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -817,8 +850,9 @@ def expert_load(
 class RamanujanCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """Qwen3-MoE's / Mixtral's output (whose cache field has the installed release's name) plus the router z-loss.
 
-    As there, `aux_loss` is the raw load-balancing loss; `z_loss` is the raw router z-loss; with labels,
-    `loss` = LM loss + router_aux_loss_coef · aux_loss + router_z_loss_coef · z_loss.
+    As there, `aux_loss` is the raw load-balancing loss (Mixtral's value, `load_balancing_loss`); `z_loss` is the raw
+    router z-loss; with labels, `loss` = LM loss + router_aux_loss_coef · `switch_balance_loss` (the per-layer form,
+    1.0 at balance) + router_z_loss_coef · z_loss.
     """
 
     z_loss: torch.FloatTensor | None = None
@@ -891,8 +925,10 @@ class RamanujanForCausalLM(RamanujanPreTrainedModel, GenerationMixin):
                                            router_biases(self))
             z_loss = router_z_loss(outputs.router_logits, attention_mask)
             if loss is not None:
+                balance = switch_balance_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask,
+                                              router_biases(self))
                 # Summed in this order since the first release, so the total (and the published numbers) stay exact.
-                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                router_loss = self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z_loss
                 loss = loss + router_loss.to(loss.device)
         return RamanujanCausalLMOutputWithPast(
             loss=loss,
@@ -989,6 +1025,7 @@ __all__ = [
     "RamanujanForSequenceClassification",
     "RamanujanCausalLMOutputWithPast",
     "load_balancing_loss",
+    "switch_balance_loss",
     "router_z_loss",
     "expert_load",
     "router_biases",

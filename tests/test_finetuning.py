@@ -21,7 +21,7 @@ from acx_ramanujan.training import classification
 from acx_ramanujan.training.causal_lm import DataArguments, build_trainer, encode_chat, encode_prompt_response, main
 from acx_ramanujan.training.finetune import parse_arguments
 from acx_ramanujan.training.lora import LoraArguments, lora_config
-from acx_ramanujan.modeling_ramanujan import load_balancing_loss, router_z_loss
+from acx_ramanujan.modeling_ramanujan import router_z_loss, switch_balance_loss
 from acx_ramanujan.tokenization_ramanujan import RamanujanByteTokenizer
 from acx_ramanujan.cards import hardware_description
 
@@ -185,7 +185,7 @@ def test_moe_router_losses_are_part_of_the_trainer_loss(moe_checkpoint, prompt_r
     logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
     cross_entropy = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     config = model.config
-    router = config.router_aux_loss_coef * load_balancing_loss(
+    router = config.router_aux_loss_coef * switch_balance_loss(
         outputs.router_logits, config.num_experts_per_tok, batch["attention_mask"]
     ) + config.router_z_loss_coef * router_z_loss(outputs.router_logits, batch["attention_mask"])
     assert router > 0

@@ -17,6 +17,7 @@ from acx_ramanujan.modeling_ramanujan import (
     RamanujanRMSNorm,
     expert_load,
     load_balancing_loss,
+    switch_balance_loss,
     router_z_loss,
 )
 
@@ -621,6 +622,22 @@ def test_qk_norm_weights_are_per_head_and_start_at_one():
     assert not any("q_norm" in name or "k_norm" in name for name, _ in build().named_parameters())
 
 
+def test_switch_balance_loss_on_hand_made_logits():
+    """The training term: the same balance loss per layer with the top-k shares (1.0 at balance for any k),
+    averaged over layers (the first release's closed forms)."""
+    balanced = torch.tensor(
+        [[5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0], [5.0, 0.0, 5.0, 0.0], [0.0, 5.0, 0.0, 5.0]]
+    )
+    assert switch_balance_loss((balanced,), top_k=2).item() == pytest.approx(1.0, rel=1e-6)
+    collapsed = torch.tensor([[3.0, 3.0, 0.0, 0.0]] * 4)  # shares (1/2, 1/2, 0, 0), prob p each on experts 0 and 1
+    p = math.exp(3) / (2 * math.exp(3) + 2)
+    assert switch_balance_loss((collapsed,), top_k=2).item() == pytest.approx(4 * (0.5 * p + 0.5 * p), rel=1e-6)
+    mask = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    assert switch_balance_loss((torch.cat([balanced, collapsed]),), 2, mask).item() == pytest.approx(1.0, rel=1e-6)
+    # Layers are averaged, each balanced on its own (Mixtral's pooled form would see these two as half balanced).
+    assert switch_balance_loss((balanced, collapsed), 2).item() == pytest.approx((1.0 + 4 * p) / 2, rel=1e-6)
+
+
 def test_router_z_loss_on_hand_made_logits():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
@@ -634,17 +651,17 @@ def test_expert_load_counts_assignments():
 
 
 def test_moe_losses_have_qwen3_moe_meaning_and_the_old_total():
-    """aux_loss is the raw balance loss and z_loss the raw z-loss (Qwen3-MoE / Mixtral meaning); the total `loss`
-    is bit-for-bit the formula used before the split: lm + (aux_coef·balance + z_coef·z)."""
+    """aux_loss is Mixtral's raw balance loss and z_loss the raw z-loss (Qwen3-MoE / Mixtral meaning); the total
+    `loss` is bit-for-bit the formula of the first release: lm + (aux_coef·per-layer balance + z_coef·z)."""
     model = build("moe", router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
     ids = random_ids()
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
     assert len(out.router_logits) == model.config.num_hidden_layers
-    balance = load_balancing_loss(out.router_logits, 2, mask)
+    balance = switch_balance_loss(out.router_logits, 2, mask)
     z = router_z_loss(out.router_logits, mask)
-    assert torch.equal(out.aux_loss, balance) and torch.equal(out.z_loss, z)
+    assert torch.equal(out.aux_loss, load_balancing_loss(out.router_logits, 2, mask)) and torch.equal(out.z_loss, z)
     lm_only = model.loss_function(logits=out.logits, labels=ids, vocab_size=259)
     assert torch.equal(out.loss, lm_only + (0.5 * balance + 0.25 * z))  # the pre-split formula, exactly
     assert out.loss.item() == pytest.approx(lm_only.item() + 0.5 * balance.item() + 0.25 * z.item(), rel=1e-6)
