@@ -1,9 +1,11 @@
 """Time one training step (forward, backward, optimizer step) of the quality anchor's dense shape under each
 optimizer setting `acx-rt train` can end up with: AdamW, and Muon (+ AdamW for the rest) with its Newton–Schulz
 iteration in bf16 (torch's choice) or fp32. On a CPU without native bf16 matmuls the bf16 iteration is emulated.
+Then the Newton–Schulz iteration alone, over every matrix Muon steps in the dense and the MoE model: batched by
+shape (`recipe.orthogonalized`, what Muon runs) against one call per matrix (what torch's Muon runs).
 
 usage: OMP_NUM_THREADS=1 python benchmarks/optimizer_step.py [--steps 20] [--threads 1]
-(results: docs/benchmarks.md, "Training recipe")
+(results: docs/benchmarks.md, "Training recipe" and "Time to target")
 """
 
 import argparse
@@ -14,7 +16,7 @@ import torch
 
 from acx_ramanujan import RamanujanConfig, RamanujanForCausalLM
 from acx_ramanujan.training.pretrain import training_arguments
-from acx_ramanujan.training.recipe import Muon, make_optimizers, newton_schulz_dtype
+from acx_ramanujan.training.recipe import Muon, is_hidden_matrix, make_optimizers, newton_schulz_dtype, orthogonalized
 
 # The quality anchor's shape (benchmarks/quality_anchor.sh): 4 layers, width 128, context 64, batch 12.
 SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=344)
@@ -39,6 +41,36 @@ def step_function(optimizer_name: str, ns_dtype: torch.dtype | None, batch: torc
     return step
 
 
+def muon_matrices(preset: str) -> list[torch.Tensor]:
+    """The matrices Muon orthogonalizes each step for `preset` at the anchor's shape (expert tensors split per expert
+    and into gate / up halves, as recipe.ExpertMuon does), filled with random numbers standing in for updates."""
+    model = RamanujanForCausalLM(RamanujanConfig.from_preset(preset, **SHAPE))
+    matrices = []
+    for name, param in model.named_parameters():
+        if param.ndim == 3:  # experts: (experts, out, in); gate_up holds two matrices per expert
+            halves = 2 if name.endswith("gate_up_proj") else 1
+            matrices += [piece for expert in param for piece in expert.chunk(halves, dim=0)]
+        elif is_hidden_matrix(name, param):
+            matrices.append(param)
+    return [torch.randn_like(matrix) for matrix in matrices]
+
+
+def newton_schulz_seconds(matrices: list[torch.Tensor], steps: int) -> dict[str, float]:
+    """Median seconds of one iteration over all `matrices`, batched by shape and one matrix at a time, interleaved."""
+    defaults = torch.optim.Muon([torch.zeros(2, 2)]).defaults  # torch's coefficients, steps and eps
+    options = (defaults["ns_coefficients"], defaults["ns_steps"], defaults["eps"])
+    dtype = newton_schulz_dtype(torch.device("cpu"))
+    ways = {"batched by shape": lambda: orthogonalized(matrices, *options, dtype),
+            "one call per matrix": lambda: [orthogonalized([matrix], *options, dtype) for matrix in matrices]}
+    seconds = {name: [] for name in ways}
+    for _ in range(steps + 1):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: median(values[1:]) for name, values in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -61,6 +93,10 @@ def main() -> None:
     adamw = median(seconds["adamw"])
     for name, values in seconds.items():
         print(f"{name:26s} median {median(values) * 1e3:8.1f} ms per step  ({median(values) / adamw:.2f}x AdamW)")
+    for preset in ("tiny", "tiny-moe"):
+        matrices = muon_matrices(preset)
+        for name, value in newton_schulz_seconds(matrices, args.steps).items():
+            print(f"Newton-Schulz, {preset} ({len(matrices)} matrices), {name:20s} median {value * 1e3:7.1f} ms")
 
 
 if __name__ == "__main__":
