@@ -16,7 +16,7 @@ import torch
 
 from acx_ramanujan import RamanujanConfig, RamanujanForCausalLM
 from acx_ramanujan.training.pretrain import training_arguments
-from acx_ramanujan.training.recipe import Muon, is_hidden_matrix, make_optimizers, newton_schulz_dtype, orthogonalized
+from acx_ramanujan.training.recipe import Muon, make_optimizers, newton_schulz_dtype, orthogonalized
 
 # The quality anchor's shape (benchmarks/quality_anchor.sh): 4 layers, width 128, context 64, batch 12.
 SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=344)
@@ -42,17 +42,12 @@ def step_function(optimizer_name: str, ns_dtype: torch.dtype | None, batch: torc
 
 
 def muon_matrices(preset: str) -> list[torch.Tensor]:
-    """The matrices Muon orthogonalizes each step for `preset` at the anchor's shape (expert tensors split per expert
-    and into gate / up halves, as recipe.ExpertMuon does), filled with random numbers standing in for updates."""
+    """The matrices `acx-rt train`'s Muon optimizers orthogonalize each step for `preset` at the anchor's shape (the
+    hidden matrices, and `ExpertMuon`'s per-expert stand-ins), filled with random numbers standing in for updates."""
     model = RamanujanForCausalLM(RamanujanConfig.from_preset(preset, **SHAPE))
-    matrices = []
-    for name, param in model.named_parameters():
-        if param.ndim == 3:  # experts: (experts, out, in); gate_up holds two matrices per expert
-            halves = 2 if name.endswith("gate_up_proj") else 1
-            matrices += [piece for expert in param for piece in expert.chunk(halves, dim=0)]
-        elif is_hidden_matrix(name, param):
-            matrices.append(param)
-    return [torch.randn_like(matrix) for matrix in matrices]
+    muons = [optimizer for optimizer in make_optimizers(model, training_arguments(optimizer="muon"))
+             if isinstance(optimizer, Muon)]  # ExpertMuon is a Muon
+    return [torch.randn_like(param) for muon in muons for group in muon.param_groups for param in group["params"]]
 
 
 def newton_schulz_seconds(matrices: list[torch.Tensor], steps: int) -> dict[str, float]:

@@ -113,6 +113,30 @@ def tiny_moe_config(**overrides):
     return tiny_config(**values)
 
 
+def random_model(config, seed=0):
+    """A random model of `config` whose RMSNorm weights (the q/k norms too) are drawn away from their initial ones, so
+    that an export or conversion must map each of them right."""
+    from acx_ramanujan import RamanujanForCausalLM
+
+    torch.manual_seed(seed)
+    model = RamanujanForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def save_checkpoint(directory, config, tokenizer=None, seed=0):
+    """`random_model(config, seed)` saved with `tokenizer` (the byte tokenizer by default) as a checkpoint in
+    `directory`."""
+    from acx_ramanujan import RamanujanByteTokenizer
+
+    random_model(config, seed).save_pretrained(directory)
+    (tokenizer or RamanujanByteTokenizer()).save_pretrained(directory)
+    return directory
+
+
 def export_llama(tmp_path, model, tokenizer=None) -> tuple[Path, Path]:
     """Save `model` with `tokenizer` (the byte tokenizer by default) as a checkpoint under `tmp_path` and export it with
     `acx-rt export --format llama`: (the checkpoint, the exported folder)."""

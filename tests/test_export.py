@@ -4,29 +4,16 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_moe_config
+from conftest import save_checkpoint, tiny_config, tiny_moe_config
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig
 
-from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
+from acx_ramanujan import RamanujanForCausalLM, export
 from acx_ramanujan.export import onnx as export_onnx
 from acx_ramanujan.modeling_ramanujan import CACHE_NAME
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from transformers.exporters import ExportedModel  # noqa: E402  (needs onnxscript)
-
-
-def save_checkpoint(directory, config, seed=0):
-    """A random model of `config`, its RMSNorm weights (the q/k norms too) drawn away from their initial ones."""
-    torch.manual_seed(seed)
-    model = RamanujanForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(directory)
-    RamanujanByteTokenizer().save_pretrained(directory)
-    return directory
 
 
 def left_padded(batch, length, pad_token_id, seed):

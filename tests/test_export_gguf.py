@@ -4,7 +4,7 @@ in llama.cpp through llama-cpp-python against our model: tokens, logits and gree
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_moe_config
+from conftest import save_checkpoint, tiny_config, tiny_moe_config
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
 from acx_ramanujan.training.bpe import train_bpe_tokenizer
@@ -16,19 +16,6 @@ TEXTS = ["Hello, world!", "Ramanujan ∑ 1729 — é 漢字 😀", "  two spaces
 NEW_TOKENS = 8
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-
-
-def save_checkpoint(directory, config, tokenizer=None, seed=0):
-    """A random model of `config`, its RMSNorm weights (the q/k norms too) drawn away from their initial ones."""
-    torch.manual_seed(seed)
-    model = RamanujanForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(directory)
-    (tokenizer or RamanujanByteTokenizer()).save_pretrained(directory)
-    return directory
 
 
 def export_file(tmp_path, config, outtype, tokenizer=None):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import export_llama, run_without_package, tiny_config, tiny_moe_config
+from conftest import export_llama, random_model, run_without_package, tiny_config, tiny_moe_config
 from safetensors.torch import load_file
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM, export
@@ -41,12 +41,7 @@ print(json.dumps({{"class": type(model).__name__, "tokenizer": type(tokenizer)._
 
 def export_and_load_elsewhere(tmp_path, config, tokenizer=None, seed=0):
     """Export a random model of `config`; load the export in a package-free process. Returns (model, child's results)."""
-    torch.manual_seed(seed)
-    model = RamanujanForCausalLM(config).eval()
-    with torch.no_grad():  # every RMSNorm weight (the q/k norms too) away from its initial ones: each must map right
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
+    model = random_model(config, seed).eval()
     checkpoint, output_dir = export_llama(tmp_path, model, tokenizer)
 
     input_ids, attention_mask = export.random_batch(config, 3, 19, torch.Generator().manual_seed(4))  # left-padded
@@ -124,14 +119,23 @@ def test_loads_as_a_transformers_class_without_our_package(tmp_path, name, overr
     assert (child["output_dir"] / "README.md").read_text().startswith("---\n")
 
 
+def exported_weights(tmp_path, config):
+    """(our weights, the exported model.safetensors, the child's results) of `export_and_load_elsewhere`."""
+    model, child = export_and_load_elsewhere(tmp_path, config)
+    return model.state_dict(), load_file(child["output_dir"] / "model.safetensors"), child
+
+
+def temperature_factor(layer, alpha, decay):
+    """The seed's attention temperature over the standard scale in layer `layer`: 1/(1 + α·e^(−λ·l))."""
+    return 1 / (1 + alpha * torch.exp(torch.tensor(-decay * layer)))
+
+
 def test_attention_temperature_is_folded_into_q_proj(tmp_path):
     """With α ≠ 0 the exported q_proj is ours times 1/(1 + α·e^(−λ·l)) in layer l, k_proj unchanged."""
     config = tiny_config(attention_scale_alpha=0.3, attention_scale_decay=0.5)
-    model, child = export_and_load_elsewhere(tmp_path, config)
-    weights = load_file(child["output_dir"] / "model.safetensors")
-    ours = model.state_dict()
+    ours, weights, _ = exported_weights(tmp_path, config)
     for layer in range(config.num_hidden_layers):
-        factor = 1 / (1 + 0.3 * torch.exp(torch.tensor(-0.5 * layer)))
+        factor = temperature_factor(layer, alpha=0.3, decay=0.5)
         name = f"model.layers.{layer}.self_attn."
         torch.testing.assert_close(weights[name + "q_proj.weight"], ours[name + "q_proj.weight"] * factor)
         assert torch.equal(weights[name + "k_proj.weight"], ours[name + "k_proj.weight"])
@@ -140,9 +144,7 @@ def test_attention_temperature_is_folded_into_q_proj(tmp_path):
 def test_branch_multiplier_and_layernorm_scaling_are_folded_into_the_weights(tmp_path):
     """CompleteP at L/L0 = 3: o_proj and down_proj × 1/3; LayerNorm Scaling: layer l's two norm weights × 1/√(l+1)."""
     config = tiny_config(num_hidden_layers=3, depth_parametrization="completep", depth_base_layers=1, layernorm_scaling=True)
-    model, child = export_and_load_elsewhere(tmp_path, config)
-    weights = load_file(child["output_dir"] / "model.safetensors")
-    ours = model.state_dict()
+    ours, weights, child = exported_weights(tmp_path, config)
     for layer in range(3):
         name = f"model.layers.{layer}."
         for projection in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
@@ -159,11 +161,9 @@ def test_attention_temperature_is_folded_into_q_norm_with_qk_norm(tmp_path):
     """With qk_norm, q is normalized after q_proj (a factor there would cancel): the exported q_norm weight is ours times
     1/(1 + α·e^(−λ·l)) in layer l; q_proj, k_proj and k_norm unchanged. The config is Qwen3's plain attention."""
     config = tiny_moe_config(qk_norm=True, attention_scale_alpha=0.3, attention_scale_decay=0.5, first_k_dense_layers=1)
-    model, child = export_and_load_elsewhere(tmp_path, config)
-    weights = load_file(child["output_dir"] / "model.safetensors")
-    ours = model.state_dict()
+    ours, weights, child = exported_weights(tmp_path, config)
     for layer in range(config.num_hidden_layers):
-        factor = 1 / (1 + 0.3 * torch.exp(torch.tensor(-0.5 * layer)))
+        factor = temperature_factor(layer, alpha=0.3, decay=0.5)
         name = f"model.layers.{layer}.self_attn."
         torch.testing.assert_close(weights[name + "q_norm.weight"], ours[name + "q_norm.weight"] * factor)
         for unchanged in ("q_proj.weight", "k_proj.weight", "k_norm.weight"):
