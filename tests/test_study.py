@@ -25,6 +25,7 @@ from acx_ramanujan.study.probes import (
     residual_rms_per_layer,
     residual_stream,
 )
+from acx_ramanujan.training.pretrain import training_arguments
 
 
 def mean_ratio_to_closed_form(scheme, depth, width, activation, trials):
@@ -296,8 +297,8 @@ def test_compare_init_learning_rate_grid_reports_best_and_transferred_rates(tmp_
     assert names == sorted(f"{layers}L-{variant}{rate}-seed0" for layers in (1, 2) for variant in ("normal", "completep")
                            for rate in ("", "-lr0.003"))  # the default rate is not named
     recorded = json.loads((out / "runs" / "2L-completep-lr0.003-seed0" / "training_args.json").read_text())
-    assert (recorded["learning_rate"], recorded["optimizer"], recorded["num_warmup_steps"], recorded["adam_beta2"]) == (
-        3e-3, "muon", 1, 0.95)
+    assert (recorded["learning_rate"], recorded["optimizer"], recorded["num_warmup_steps"], recorded["adam_beta2"],
+            recorded["muon_learning_rate"]) == (3e-3, "muon", 1, 0.95, training_arguments().muon_learning_rate)
     loss = {name: json.loads((out / "runs" / name / "all_results.json").read_text())["eval_loss"] for name in names}
     report = json.loads((out / "compare_init.json").read_text())
     named = {1e-3: "", 3e-3: "-lr0.003"}
@@ -314,6 +315,14 @@ def test_compare_init_learning_rate_grid_reports_best_and_transferred_rates(tmp_
     stamps = {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names}
     assert compare_init.main([*argv, "--learning_rate", "1e-3"]) == 0
     assert {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names} == stamps
+    # another Muon rate is another comparison: refused over these runs, trained with that rate in a new folder
+    assert compare_init.main([*argv, "--muon_learning_rate", "0.01"]) == 2
+    assert {name: (out / "runs" / name / "all_results.json").stat().st_mtime_ns for name in names} == stamps
+    other = tmp_path / "other"
+    assert compare_init.main([*argv, "--depths", "1", "--learning_rate", "1e-3", "--schemes", "", "--muon_learning_rate",
+                              "0.01", "--output_dir", str(other)]) == 0
+    assert json.loads((other / "runs" / "1L-completep-seed0" / "training_args.json").read_text())[
+        "muon_learning_rate"] == 0.01
 
 
 def test_compare_init_trains_the_deepnorm_scheme_with_post_norm_layers(tmp_path):
@@ -397,6 +406,9 @@ def test_a_run_whose_final_loss_is_nan_or_above_its_first_loss_counts_as_diverge
         (["--schemes", "normal", "--learning_rates", "1e-3,1e-3"], "--learning_rates has a repeated rate"),
         (["--schemes", "normal", "--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1)"),
         (["--schemes", "normal", "--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
+        (["--schemes", "normal", "--muon_learning_rate", "4e-3"], "--muon_learning_rate applies only with --optimizer muon"),
+        (["--schemes", "normal", "--optimizer", "muon", "--muon_learning_rate", "nan"],
+         "--muon_learning_rate must be finite and > 0"),
         (["--variant", "x:depth_parametrization=completep"], "variant 'x' at 1 layers: depth_parametrization='completep' "
                                                              "needs depth_base_layers"),
     ],

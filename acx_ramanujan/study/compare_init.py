@@ -10,7 +10,8 @@ at each, and the report gives the best one per depth next to the one transferred
 
 Each run lives in OUTPUT_DIR/runs/<layers>L-<variant>[-lr<lr>]-seed<k>/ (the learning rate only when it is not the
 default 1e-3, so that a grid reuses the runs of a comparison at the default rate) and is reused when it already finished with the same settings (its training_args.json: preset, overrides, steps, learning
-rate, optimizer, betas, warmup, batch, block size, seed; the training file is not recorded there), so an interrupted
+rate, optimizer and, under Muon, Muon's rate, betas, warmup, batch, block size, seed; the training file is not
+recorded there), so an interrupted
 comparison picks up where it stopped; a finished run with other settings is refused before anything trains.
 Each finished run is probed once (depth_probes.json beside it, on the first validation blocks): residual-stream
 RMS and per-layer gradient norms at initialization and at the end, and the validation-loss change when each layer is
@@ -47,6 +48,7 @@ from ..training.pretrain import build_config, pretrain, raw_text, training_argum
 from .probes import layer_drop_losses, layer_gradient_norms, residual_rms_per_layer
 
 DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_MUON_LEARNING_RATE = training_arguments().muon_learning_rate  # acx-rt train's
 PROBES = "depth_probes.json"
 # Validation blocks the probes read (the first ones): enough for stable per-layer numbers, few enough that the
 # layer-drop probe's one forward per layer stays cheap at 128 layers.
@@ -68,6 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="peak AdamW learning rate, or comma-separated rates: one run per rate")
     parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                         help="adamw: the study's recipe; muon: acx-rt train's (Muon for the decoder matrices)")
+    parser.add_argument("--muon_learning_rate", type=float, default=DEFAULT_MUON_LEARNING_RATE,
+                        help="peak Muon learning rate with --optimizer muon (--learning_rates stays AdamW's)")
     parser.add_argument("--warmup_ratio", type=float, default=0.0, help="share of the steps spent warming up linearly")
     parser.add_argument("--adam_beta1", type=float, default=0.9)
     parser.add_argument("--adam_beta2", type=float, default=0.999)
@@ -95,6 +99,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rates must be finite and > 0, got {args.learning_rates}")
     if len(set(args.learning_rates)) != len(args.learning_rates):
         raise ValueError(f"--learning_rates has a repeated rate: {args.learning_rates}")
+    if not 0 < args.muon_learning_rate < math.inf:
+        raise ValueError(f"--muon_learning_rate must be finite and > 0, got {args.muon_learning_rate}")
+    if args.muon_learning_rate != DEFAULT_MUON_LEARNING_RATE and args.optimizer != "muon":
+        raise ValueError("--muon_learning_rate applies only with --optimizer muon")
     if not 0 <= args.warmup_ratio < 1:
         raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -146,7 +154,7 @@ def expected_settings(args: argparse.Namespace, run: "PlannedRun") -> dict:
             "max_train_steps": args.max_train_steps, "learning_rate": run.learning_rate, "optimizer": args.optimizer,
             "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "num_warmup_steps": warmup_steps(args),
             "block_size": args.block_size, "per_device_train_batch_size": args.per_device_train_batch_size,
-            "seed": run.seed}
+            "seed": run.seed, **({"muon_learning_rate": args.muon_learning_rate} if args.optimizer == "muon" else {})}
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,7 @@ def run_arguments(args: argparse.Namespace, run: PlannedRun):
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=64,
         learning_rate=run.learning_rate,
+        muon_learning_rate=args.muon_learning_rate,
         max_train_steps=args.max_train_steps,
         seed=run.seed,
         output_dir=str(run.run_dir),
@@ -398,7 +407,8 @@ def markdown_report(args: argparse.Namespace, argv: list[str], rows: list[dict])
           f"{row['diverged']}/{row['runs']}", row["initial_loss_mean"], row["steps_per_second_median"],
           f"`{row['overrides']}`"] for row in rows],
     )
-    recipe = (f"{args.optimizer}, warmup {warmup_steps(args)} steps then cosine, betas ({args.adam_beta1}, "
+    muon = f" at Muon lr {args.muon_learning_rate:g}" if args.optimizer == "muon" else ""
+    recipe = (f"{args.optimizer}{muon}, warmup {warmup_steps(args)} steps then cosine, betas ({args.adam_beta1}, "
               f"{args.adam_beta2})")
     rates = ", ".join(f"{rate:g}" for rate in args.learning_rates)
     lines = [
