@@ -78,9 +78,13 @@ def command(args: argparse.Namespace, name: str, seed: int, folder: Path) -> lis
             str(folder), "--overwrite_output_dir", *common, *shlex.split(flags)]
 
 
-def ours_curve(folder: Path, tokens_per_step: int) -> list[dict]:
+def ours_curve(folder: Path) -> list[dict]:
     """(step, training seconds, eval loss) at each evaluation of an `acx-rt train` run, from its metrics.jsonl: the
-    seconds are the sum of tokens_per_step / tokens_per_second over the steps up to it (evaluation excluded)."""
+    seconds are the sum of tokens per step / tokens_per_second over the steps up to it (evaluation excluded), the
+    tokens per step from the run's own training_args.json (a variant may change the batch; one process)."""
+    settings = json.loads((folder / "training_args.json").read_text())
+    tokens_per_step = (settings["block_size"] * settings["per_device_train_batch_size"]
+                       * settings["gradient_accumulation_steps"])
     curve, seconds = [], 0.0
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -104,7 +108,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int) -> list[dict]:
         subprocess.run(command(args, name, seed, folder), env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     if args.commands[name][0] == "peer":
         return [json.loads(line) for line in (folder / "curve.jsonl").read_text().splitlines()]
-    return ours_curve(folder, BLOCK_SIZE * BATCH_SIZE)
+    return ours_curve(folder)
 
 
 def report(args: argparse.Namespace, curves: dict) -> str:

@@ -31,7 +31,10 @@ def test_ours_curve_sums_the_seconds_of_the_steps_before_each_evaluation(tmp_pat
                {"step": 2, "eval_loss": 3.5, "perplexity": 33.1}, {"step": 3, "loss": 3.0, "tokens_per_second": 200.0},
                {"step": 3, "eval_loss": 3.0, "perplexity": 20.1}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    curve = time_to_target.ours_curve(tmp_path, tokens_per_step=100)
+    # 100 tokens per step, as acx-rt train records its batch (a variant may train with another than the anchor's)
+    (tmp_path / "training_args.json").write_text(json.dumps(
+        {"block_size": 10, "per_device_train_batch_size": 5, "gradient_accumulation_steps": 2}))
+    curve = time_to_target.ours_curve(tmp_path)
     assert curve == [{"step": 2, "train_seconds": pytest.approx(1.0 + 2.0), "eval_loss": 3.5},
                      {"step": 3, "train_seconds": pytest.approx(1.0 + 2.0 + 0.5), "eval_loss": 3.0}]
     assert time_to_target.first_reaching(curve, 3.2) == curve[1]
