@@ -48,7 +48,7 @@ def test_every_preset_builds(name):
 
 
 def test_required_presets_exist():
-    required = {"tiny", "tiny-moe", "default", "gpt2_style", "llama_7b_style", "llama_13b_style", "moe_8x"}
+    required = {"tiny", "tiny-moe", "deep", "default", "gpt2_style", "llama_7b_style", "llama_13b_style", "moe_8x"}
     assert required <= {p.stem for p in PRESETS_DIR.glob("*.json")}
 
 
@@ -215,3 +215,16 @@ def test_parallel_plans_name_only_modules_the_config_builds(extra):
     for name in layer_weights:
         plan = config.base_model_ep_plan if ".mlp.experts." in name else config.base_model_tp_plan
         assert any(fnmatch.fnmatch(name.removesuffix(".weight"), key.replace(".*.", ".[0-9]*.")) for key in plan), name
+
+
+def test_deep_preset_is_the_depth_studys_completep_model_at_96_layers():
+    """docs/init-study.md section 8 chose the `deep` preset from runs of `acx-rt compare-init`'s `completep` variant at
+    width 64 (SwiGLU 172) and 96 layers: the preset must be that very model, built the way compare-init built it."""
+    from acx_ramanujan.study import compare_init
+
+    args = compare_init.parse_args(["--depths", "96", "--variant", "completep:depth_parametrization=completep,"
+                                    "depth_base_layers=12", "--config_overrides", "hidden_size=64,intermediate_size=172",
+                                    "--max_train_steps", "1", "--output_dir", "unused"])
+    studied = RamanujanConfig.from_preset(compare_init.preset(args), **RamanujanConfig.parse_overrides(
+        compare_init.run_overrides(args, 96, args.variants["completep"])))
+    assert RamanujanConfig.from_preset("deep").to_dict() == studied.to_dict()
