@@ -220,11 +220,14 @@ def test_parallel_plans_name_only_modules_the_config_builds(extra):
 def test_deep_preset_is_the_depth_studys_completep_model_at_96_layers():
     """docs/init-study.md section 8 chose the `deep` preset from runs of `acx-rt compare-init`'s `completep` variant at
     width 64 (SwiGLU 172) and 96 layers: the preset must be that very model, built the way compare-init built it."""
+    from acx_ramanujan import RamanujanByteTokenizer
     from acx_ramanujan.study import compare_init
+    from acx_ramanujan.training.pretrain import build_config, training_arguments
 
     args = compare_init.parse_args(["--depths", "96", "--variant", "completep:depth_parametrization=completep,"
                                     "depth_base_layers=12", "--config_overrides", "hidden_size=64,intermediate_size=172",
-                                    "--max_train_steps", "1", "--output_dir", "unused"])
-    studied = RamanujanConfig.from_preset(compare_init.preset(args), **RamanujanConfig.parse_overrides(
-        compare_init.run_overrides(args, 96, args.variants["completep"])))
-    assert RamanujanConfig.from_preset("deep").to_dict() == studied.to_dict()
+                                    "--max_train_steps", "1", "--seeds", "1", "--output_dir", "unused"])
+    (run,) = compare_init.planned_runs(args)
+    tokenizer = RamanujanByteTokenizer()
+    studied = build_config(compare_init.run_arguments(args, run), tokenizer)
+    assert build_config(training_arguments(config_name="deep"), tokenizer).to_dict() == studied.to_dict()
