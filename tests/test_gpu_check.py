@@ -1,5 +1,7 @@
 """benchmarks/gpu_check.sh: every part that a CPU can run, run here, so the first GPU session is not lost to a typo."""
 
+import contextlib
+import datetime
 import subprocess
 from pathlib import Path
 
@@ -30,6 +32,10 @@ def test_static_compiled_generation_equals_dynamic_eager():
 
 
 def test_fsdp2_step_equals_the_plain_step():
+    # Another job's store on the port the check once hard-coded (29517, as a concurrent test run holds it) must
+    # not break the check.
+    with contextlib.suppress(RuntimeError):  # already taken by someone else: the same condition
+        held = torch.distributed.TCPStore("127.0.0.1", 29517, 1, True, timeout=datetime.timedelta(seconds=5))
     results = gpu_check.fsdp_step("cpu")
     for kind in ("dense", "moe"):
         assert results[kind]["parameters_are_dtensors"]

@@ -163,9 +163,10 @@ def fsdp_step(device: str) -> dict:
     """One FSDP2 training step in a one-process group against the same step without FSDP: equal loss and weights."""
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    # A one-process group needs no network rendezvous: an in-process store cannot collide with another job's port
+    # (a fixed MASTER_PORT failed with EADDRINUSE when two test runs shared a machine).
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", store=torch.distributed.HashStore(),
+                                         rank=0, world_size=1)
     try:
         results = {}
         for kind in ("dense", "moe"):
