@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "push": ("acx_ramanujan.hub", "push an output directory to the Hugging Face Hub"),
     "verify": ("acx_ramanujan.study.verify", "measure activations and gradients per layer at initialization"),
     "compare-init": ("acx_ramanujan.study.compare_init", "train layers x schemes x seeds and compare validation loss"),
+    "grid-report": ("acx_ramanujan.study.grid_report", "one table over every finished compare-init run in a folder: each "
+                    "variant's best rate per depth"),
     "visualize": ("acx_ramanujan.study.visualize", "plot variance, gradients, attention and expert load of a checkpoint"),
     "bench-speed": ("acx_ramanujan.bench.speed", "time training and generation against Transformers' Llama and Qwen3-MoE"),
     "export": ("acx_ramanujan.export", "export a checkpoint to ONNX, a plain Transformers checkpoint (Llama, Mixtral, "

@@ -9,7 +9,7 @@ from conftest import tiny_config, tiny_moe_config
 
 from acx_ramanujan import RamanujanByteTokenizer, RamanujanForCausalLM
 from acx_ramanujan.initialization_ramanujan import ramanujan_schedule, weight_std
-from acx_ramanujan.study import compare_init, verify, visualize
+from acx_ramanujan.study import compare_init, grid_report, verify, visualize
 from acx_ramanujan.study.chains import (
     TRUNCATED_VARIANCE_FACTOR,
     chain_closed_form_log10,
@@ -462,3 +462,88 @@ def test_compare_init_reuses_a_finished_run_only_with_the_same_settings(tmp_path
     (run / "training_args.json").unlink()
     assert compare_init.main(argv) == 2
     assert "has no readable training_args.json" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- grid-report
+
+
+def test_grid_report_collects_an_uneven_grid_from_several_compare_init_runs(tmp_path, capsys):
+    """Two seeds at lr 1e-3, then one at 3e-3 (as a grid extended one rate at a time): the best rate is chosen on the
+    seed both rates ran (seed 0), reported with every seed it has, and paired with the reference at the reference's
+    own best rate; checked against the runs' own result files."""
+    variants = ["--schemes", "normal", "--variant", "xavier:init_scheme=xavier"]
+    assert compare_init.main(compare_argv(tmp_path, *variants)) == 0
+    assert compare_init.main(compare_argv(tmp_path, *variants, "--seeds", "1", "--learning_rate", "3e-3")) == 0
+    out = tmp_path / "bench"
+    runs = out / "runs"
+
+    def loss(variant, rate, seed):
+        return json.loads((runs / f"1L-{variant}{rate}-seed{seed}" / "all_results.json").read_text())["eval_loss"]
+
+    def expected(variant):
+        seed0 = {1e-3: loss(variant, "", 0), 3e-3: loss(variant, "-lr0.003", 0)}
+        best = min(seed0, key=seed0.get)
+        return best, ([loss(variant, "", 0), loss(variant, "", 1)] if best == 1e-3 else [seed0[3e-3]])
+
+    assert grid_report.main([str(out), "--reference", "normal"]) == 0
+    rows = {row["variant"]: row for row in json.loads((out / "grid_report.json").read_text())["rows"]}
+    reference_rate, reference = expected("normal")
+    for variant in ("normal", "xavier"):
+        rate, losses = expected(variant)
+        row = rows[variant]
+        assert (row["layers"], row["best_learning_rate"], row["best_seeds"]) == (1, rate, list(range(len(losses))))
+        assert row["best_eval_loss_mean"] == pytest.approx(sum(losses) / len(losses))
+        paired = [losses[seed] - reference[seed] for seed in range(min(len(losses), len(reference)))]
+        assert row["delta_vs_reference_mean"] == pytest.approx(sum(paired) / len(paired))
+        assert row["eval_loss"]["0.001"] == {"0": loss(variant, "", 0), "1": loss(variant, "", 1)}
+    assert rows["normal"]["delta_vs_reference_mean"] == 0.0
+    markdown = (out / "grid_report.md").read_text()
+    assert "| lr 0.001 | lr 0.003 |" in markdown and "## At each variant's best rate" in markdown
+    assert (out / "grid_report_depth.png").stat().st_size > 0
+
+    # a NaN loss counts as the worst, so the other rate becomes the best
+    worse = "" if reference_rate == 1e-3 else "-lr0.003"
+    results = runs / f"1L-normal{worse}-seed0" / "all_results.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "eval_loss": float("nan")}))
+    assert grid_report.main([str(out)]) == 0
+    rows = {row["variant"]: row for row in json.loads((out / "grid_report.json").read_text())["rows"]}
+    assert rows["normal"]["best_learning_rate"] != reference_rate
+    capsys.readouterr()
+
+    # refused in one line, before anything is written: no such reference; a run of another recipe in the folder
+    for path in out.glob("grid_report*"):
+        path.unlink()
+    assert grid_report.main([str(out), "--reference", "kaiming"]) == 2
+    assert "--reference 'kaiming' has no finished run" in capsys.readouterr().err
+    assert compare_init.main(compare_argv(tmp_path, "--schemes", "normal", "--seeds", "1", "--learning_rate", "5e-3",
+                                          "--max_train_steps", "4")) == 0
+    capsys.readouterr()
+    assert grid_report.main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differ in max_train_steps" in err and "1L-normal-lr0.005-seed0 has 4" in err
+    assert not list(out.glob("grid_report*"))
+
+
+def test_grid_report_refuses_a_folder_without_compare_init_runs(tmp_path, capsys):
+    assert grid_report.main([str(tmp_path)]) == 2
+    assert "has no runs/ folder: not a compare-init --output_dir" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    assert grid_report.main([str(tmp_path)]) == 2
+    assert "holds no finished run" in capsys.readouterr().err
+    stray = tmp_path / "runs" / "something-else"
+    stray.mkdir()
+    (stray / "all_results.json").write_text('{"eval_loss": 2.0}')
+    (stray / "training_args.json").write_text('{"config_overrides": "num_hidden_layers=2", "learning_rate": 0.001, "seed": 0}')
+    assert grid_report.main([str(tmp_path)]) == 2
+    assert "is not a compare-init run (its name does not match" in capsys.readouterr().err
+    (stray / "training_args.json").write_text('{"learning_rate": 0.001, "seed": 0}')
+    assert grid_report.main([str(tmp_path)]) == 2
+    assert "is not a compare-init run (its training_args.json lacks the layer count" in capsys.readouterr().err
+
+
+def test_grid_report_best_rate_compares_the_seeds_every_rate_ran_with():
+    # seed 1 only at 2e-3 is luckier than seed 0 anywhere: the choice rests on seed 0, where 1e-3 is better
+    assert grid_report.best_rate({1e-3: {0: 2.0}, 2e-3: {0: 2.1, 1: 1.5}}) == 1e-3
+    assert grid_report.best_rate({1e-3: {0: 2.0, 1: 2.0}, 2e-3: {0: 2.1, 1: 1.5}}) == 2e-3
+    assert grid_report.best_rate({1e-3: {0: float("nan")}, 2e-3: {0: 9.0}}) == 2e-3
+    assert grid_report.best_rate({1e-3: {0: 2.0}, 2e-3: {1: 1.9}}) == 2e-3  # no shared seed: each rate's own

@@ -2,6 +2,7 @@
 
 verify        per-layer activations and gradients at initialization, plus the seed's plain-chain experiment
 compare_init  train layers × schemes × seeds through the pretraining code and compare validation loss
+grid_report   one report over every finished compare_init run in a folder (grids extended over several invocations)
 visualize     plots of a saved checkpoint (activation variance, gradients, attention maps, expert load)
 """
 
