@@ -4,10 +4,10 @@
 scheme's learning rate per depth grows its grid unevenly, over several invocations into one folder (finished runs are
 reused, so nothing trains twice); this reads every finished run there back and reports, per (variant, depth), the
 final validation loss at each rate and seed, the best rate, the loss there, and the Δ against a reference variant at
-the reference's own best rate, paired by seed. The best rate is the lowest mean over the seeds that every rate of
-that (variant, depth) ran with (in a grid extended one seed at a time, seed 0), so a rate is not favoured for having
-been run with a luckier seed. A folder whose runs differ in the recipe compare-init checks (steps, optimizer, warmup,
-betas, batch, block, Muon's rate) is refused: their losses are not comparable.
+the reference's own best rate, paired by seed. The best rate is the one that beats the most others paired by seed
+(`best_rate`), so a rate is not favoured for having been run with an extra, luckier seed. A folder whose runs differ
+in the recipe compare-init checks (steps, optimizer, warmup, betas, batch, block, Muon's rate) is refused: their
+losses are not comparable.
 
 Results: grid_report.json, grid_report.md and grid_report_depth.png (loss at each variant's best rate against depth)
 in the folder.
@@ -102,16 +102,24 @@ def read_runs(output_dir: Path) -> list[Run]:
 
 
 def best_rate(rates: dict[float, dict[int, float]]) -> float:
-    """The rate with the lowest mean over the seeds every rate ran with (over each rate's own seeds when they share
-    none); NaN counts as worst."""
-    common = set.intersection(*(set(seeds) for seeds in rates.values()))
-    return min(rates, key=lambda rate: sorting_loss(statistics.fmean(
-        [rates[rate][seed] for seed in common] if common else rates[rate].values())))
+    """The rate that beats the most others paired by seed: rate a beats rate b when a's mean over the seeds both ran
+    is lower (each one's own mean if they share none; NaN counts as worst). Ties go to the lower mean over the rate's
+    own seeds. Paired, so a rate run with an extra, luckier seed is not favoured; pairwise, so one poor rate run with
+    a single seed does not reduce every comparison to that seed."""
+    def mean(rate: float, seeds) -> float:
+        return sorting_loss(statistics.fmean(rates[rate][seed] for seed in seeds))
+
+    def beats(a: float, b: float) -> bool:
+        shared = rates[a].keys() & rates[b].keys()
+        return mean(a, shared or rates[a]) < mean(b, shared or rates[b])
+
+    wins = {a: sum(beats(a, b) for b in rates if b != a) for a in rates}
+    return min(rates, key=lambda rate: (-wins[rate], mean(rate, rates[rate])))
 
 
 def summarize(runs: list[Run], reference: str) -> list[dict]:
-    """Per (variant, layers): {rate: {seed: loss}}, the best rate (lowest mean over the seeds every rate ran with),
-    the mean and seeds at that rate, and the mean paired Δ against the reference at its own best rate."""
+    """Per (variant, layers): {rate: {seed: loss}}, the best rate (`best_rate`), the mean and seeds at that rate, and
+    the mean paired Δ against the reference at its own best rate."""
     grid: dict[tuple, dict] = {}
     for run in runs:
         grid.setdefault((run.variant, run.layers), {}).setdefault(run.learning_rate, {})[run.seed] = run.eval_loss
@@ -171,8 +179,9 @@ def markdown_report(args: argparse.Namespace, argv: list[str], rows: list[dict])
         "# acx-rt grid-report", "",
         f"Command: `acx-rt grid-report {shlex.join(argv)}`  ",
         f"{len(args.runs)} finished runs in {args.output_dir}. Final validation loss per seed (\"mean\" over the seeds "
-        "shown); bold: the best rate, the lowest mean over the seeds every rate of that row ran with. Δ: mean over "
-        f"the shared seeds of (variant − {args.reference}), each at its own best rate at that depth.", "",
+        "shown); bold: the best rate, the one that beats the most others on the mean over the seeds both ran. "
+        f"Δ: mean over the shared seeds of (variant − {args.reference}), each at its own best rate at that depth.",
+        "",
         markdown_table(["variant", "layers", *(f"lr {rate:g}" for rate in rates), "best lr", f"Δ vs {args.reference}"],
                        grid),
         "## At each variant's best rate", "",
