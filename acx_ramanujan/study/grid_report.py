@@ -199,7 +199,7 @@ def plot_depth(rows: list[dict], path: Path) -> None:
                       capsize=3, label=variant, color=variant_color(index))
     depths = sorted({row["layers"] for row in rows})
     axis.set(xlabel="layers", ylabel="final val loss", xticks=depths, title="each variant at its best lr per depth")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))  # beside the axes: a legend inside hides points
     save_figure(figure, path)
 
 
