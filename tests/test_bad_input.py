@@ -92,12 +92,14 @@ CASES = [
     (["push", "{in}/nowhere", "user/repo"], "nowhere"),
     (["push", "{in}/non_finite", "user/repo"], "non-finite"),
     (["push", "{in}/truncated", "user/repo"], "model.safetensors"),
-    # acx-rt verify / compare-init / bench-speed / tokenizer
+    # acx-rt verify / compare-init / grid-report / bench-speed / tokenizer
     (["verify", "--depth", "0", "--output_dir", "{out}"], "depth"),
     (["verify", "--depth", "2", "--text_file", "{in}/missing.txt", "--output_dir", "{out}"], "missing.txt"),
     (["compare-init", "--layers", "x", "--train_file", "{in}/good.txt", "--max_train_steps", "2", "--output_dir", "{out}"], "layers"),
     (["compare-init", "--seeds", "0", "--train_file", "{in}/good.txt", "--max_train_steps", "2", "--output_dir", "{out}"], "seeds"),
     (["compare-init", "--schemes", "normal", "--layers", "1", "--train_file", "{in}/latin1.txt", "--max_train_steps", "2", "--output_dir", "{out}"], "latin1.txt"),
+    (["grid-report", "{in}/nowhere"], "nowhere"),
+    (["grid-report", "{in}/model"], "not a compare-init --output_dir"),
     (["bench-speed", "--threads", "0", "--output", "{out}/speed.json"], "threads"),
     (["tokenizer", "train", "--files", "{in}/latin1.txt", "--vocab_size", "300", "--output_dir", "{out}"], "latin1.txt"),
 ]
