@@ -539,6 +539,19 @@ def test_grid_report_refuses_a_folder_without_compare_init_runs(tmp_path, capsys
     (stray / "training_args.json").write_text('{"learning_rate": 0.001, "seed": 0}')
     assert grid_report.main([str(tmp_path)]) == 2
     assert "is not a compare-init run (its training_args.json lacks the layer count" in capsys.readouterr().err
+    # a run whose result file is cut short (a disk that filled up) is named with its file
+    run = tmp_path / "runs" / compare_init.run_name(2, "normal", 1e-3, 0)
+    stray.rename(run)
+    (run / "training_args.json").write_text('{"config_overrides": "num_hidden_layers=2", "learning_rate": 0.001, '
+                                            '"seed": 0}')
+    assert grid_report.main([str(tmp_path)]) == 0
+    (run / "all_results.json").write_text('{"eval_loss": 2.')
+    assert grid_report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run / 'all_results.json'} is not a readable JSON file" in err
+    (run / "all_results.json").write_text('{"train_loss": 2.0}')
+    assert grid_report.main([str(tmp_path)]) == 2
+    assert "has no numeric eval_loss" in capsys.readouterr().err
 
 
 def test_grid_report_best_rate_is_chosen_paired_by_seed():

@@ -148,13 +148,31 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "all_results.json").is_file()
 
 
+# The training_args.json keys of the recipe every run of one comparison shares; the grid varies the rest (learning
+# rate, seed, config overrides). Muon's rate is part of the recipe only under Muon.
+RECIPE_KEYS = ("config_name", "max_train_steps", "optimizer", "adam_beta1", "adam_beta2", "num_warmup_steps",
+               "block_size", "per_device_train_batch_size")
+
+
+def recipe_keys(optimizer: str | None) -> tuple[str, ...]:
+    return RECIPE_KEYS + (("muon_learning_rate",) if optimizer == "muon" else ())
+
+
+def recorded_recipe(trained: dict) -> dict:
+    """The recipe part of a finished run's training_args.json (None where a key is missing)."""
+    return {key: trained.get(key) for key in recipe_keys(trained.get("optimizer"))}
+
+
+def recipe_settings(args: argparse.Namespace) -> dict:
+    """The recipe part of expected_settings, as `acx-rt train` writes it."""
+    computed = {"config_name": preset(args), "num_warmup_steps": warmup_steps(args)}
+    return {key: computed[key] if key in computed else getattr(args, key) for key in recipe_keys(args.optimizer)}
+
+
 def expected_settings(args: argparse.Namespace, run: "PlannedRun") -> dict:
     """The training_args.json values (as `acx-rt train` writes them) of the run this comparison would train."""
-    return {"config_name": preset(args), "config_overrides": run_overrides(args, run.layers, run.overrides),
-            "max_train_steps": args.max_train_steps, "learning_rate": run.learning_rate, "optimizer": args.optimizer,
-            "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "num_warmup_steps": warmup_steps(args),
-            "block_size": args.block_size, "per_device_train_batch_size": args.per_device_train_batch_size,
-            "seed": run.seed, **({"muon_learning_rate": args.muon_learning_rate} if args.optimizer == "muon" else {})}
+    return {**recipe_settings(args), "config_overrides": run_overrides(args, run.layers, run.overrides),
+            "learning_rate": run.learning_rate, "seed": run.seed}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ in the folder.
 """
 
 import argparse
-import json
 import math
 import shlex
 import statistics
@@ -28,19 +27,7 @@ from ..configuration_ramanujan import RamanujanConfig
 from ..files import read_json_object, write_json_atomically, write_text_atomically
 from ..reporting import markdown_table, save_figure
 from . import STUDY_ARCHITECTURE
-from .compare_init import is_finished, run_name, sorting_loss, variant_color
-
-# The training_args.json keys that compare-init checks before reusing a run (`compare_init.expected_settings`), less
-# the grid's own (learning_rate, seed, config_overrides): the recipe every run of one report must share. Muon's rate
-# counts only under Muon; keys compare-init does not set (warmup_ratio, which num_warmup_steps overrides) do not count.
-RECIPE_KEYS = ("config_name", "max_train_steps", "optimizer", "adam_beta1", "adam_beta2", "num_warmup_steps",
-               "block_size", "per_device_train_batch_size")
-
-
-def recipe(trained: dict) -> dict:
-    keys = RECIPE_KEYS + (("muon_learning_rate",) if trained.get("optimizer") == "muon" else ())
-    return {key: trained.get(key) for key in keys}
-
+from .compare_init import is_finished, recorded_recipe, run_name, sorting_loss, variant_color
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="acx-rt grid-report", description=__doc__.splitlines()[0])
@@ -85,7 +72,7 @@ def read_runs(output_dir: Path) -> list[Run]:
         if not (name.startswith(prefix) and name.endswith(suffix)) or name == prefix + suffix:
             raise ValueError(f"{run_dir} is not a compare-init run (its name does not match its training_args.json)")
         variant = name[len(prefix):-len(suffix)]
-        own = recipe(trained)
+        own = recorded_recipe(trained)
         if shared_recipe is None:
             shared_recipe, first = own, run_dir
         for key in sorted(shared_recipe.keys() | own.keys()):
@@ -94,7 +81,9 @@ def read_runs(output_dir: Path) -> list[Run]:
                                  f"{run_dir.name} has {own.get(key)!r}; give each recipe its own folder")
         if overrides_of.setdefault(variant, (overrides, run_dir.name))[0] != overrides:
             raise ValueError(f"variant {variant!r} names two configs: {overrides_of[variant][1]} and {run_dir.name}")
-        loss = json.loads((run_dir / "all_results.json").read_text())["eval_loss"]
+        loss = read_json_object(run_dir / "all_results.json").get("eval_loss")
+        if not isinstance(loss, (int, float)):
+            raise ValueError(f"{run_dir / 'all_results.json'} has no numeric eval_loss")
         runs.append(Run(variant, layers, rate, seed, loss))
     if not runs:
         raise ValueError(f"{runs_dir} holds no finished run")
