@@ -1,14 +1,23 @@
 """Shared fixtures: tiny configs, a text corpus from inside the package, and an isolated HF cache for every test session."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+
+def _throwaway_folder(prefix: str) -> str:
+    """A temporary folder removed when this test process exits, so that a test run leaves nothing behind."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 # Nothing may be fetched from the Hub; remote-code modules go to a throwaway cache.
-_HF_HOME = tempfile.mkdtemp(prefix="acx-hf-home-")
-os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_HOME", _throwaway_folder("acx-hf-home-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `acx-rt train` picks its precision by the hardware (and on CPUs with native bf16 by a timed probe), unless the
@@ -16,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the suite says fp32, so that its numbers are the same on every machine; tests of the bf16 default unset it.
 os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
 # ... and the probe's cache of those tests goes to a temporary folder, not the user's ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="acx-cache-")
+os.environ["XDG_CACHE_HOME"] = _throwaway_folder("acx-cache-")
 
 import torch  # noqa: E402
 
