@@ -20,6 +20,7 @@ SHAPES = {
     "quality anchor, dense": ("tiny", ANCHOR, (12, 64)),
     "quality anchor, MoE": ("tiny-moe", ANCHOR, (12, 64)),
     "`acx-rt train` default (tiny, block 256)": ("tiny", {}, (8, 256)),
+    "`acx-rt train --config_name tiny-moe` (block 256)": ("tiny-moe", {}, (8, 256)),
     "width 256, dense": ("tiny", WIDTH256, (8, 256)),
     "width 256, MoE (8 experts, top-2)": ("tiny-moe", WIDTH256, (8, 256)),
 }

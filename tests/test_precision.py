@@ -92,3 +92,21 @@ def test_the_real_probe_times_both_precisions_and_leaves_the_random_state_alone(
     seconds = precision.probe_seconds(TINY, (2, 16), steps=1)
     assert set(seconds) == {"no", "bf16"} and all(0 < value < 60 for value in seconds.values())
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_real_probe_times_new_tokens_every_pass_the_same_for_both_precisions(monkeypatch):
+    """An MoE layer's expert matmuls change shape with the routing, and a bf16 matmul of a new shape builds its kernel
+    first: a probe that repeated one batch timed cached kernels only and took bf16 where training was slower."""
+    seen = []
+    forward = precision.RamanujanForCausalLM.forward
+
+    def recording_forward(self, input_ids=None, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), input_ids.clone()))
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(precision.RamanujanForCausalLM, "forward", recording_forward)
+    precision.probe_seconds(TINY, (2, 16), steps=2)
+    assert [autocast for autocast, _ in seen] == [False, True] * 3  # a warm-up round, then 2 timed, interleaved
+    rounds = [(seen[i][1], seen[i + 1][1]) for i in range(0, len(seen), 2)]
+    assert all(torch.equal(fp32, bf16) for fp32, bf16 in rounds)
+    assert len({tuple(fp32.flatten().tolist()) for fp32, _ in rounds}) == 3

@@ -7,8 +7,9 @@
 - On a CPU with native bf16 neither precision is always the faster: bf16 autocast made our training step 2.1×
   (dense) and 1.3× (MoE) faster at width 256, and slower at the quality anchor's width 128 and context 64 (dense
   0.96×, MoE 0.61×), where the bf16 attention-backward kernels and the small matmuls gain nothing
-  (docs/benchmarks.md, "Training precision"). So a short probe times this model's forward and backward on the
-  run's micro-batch in both precisions, interleaved, and bf16 is chosen only when it is at least
+  (docs/benchmarks.md, "Training precision"); an MoE model's bf16 step is also slowed by its expert matmuls, whose
+  shapes change with the routing every step (`probe_seconds`). So a short probe times this model's forward and
+  backward on the run's micro-batch in both precisions, interleaved, and bf16 is chosen only when it is at least
   `BF16_MUST_SAVE` faster (its loss at the quality anchor is 0.002–0.003 nats above fp32's). The answer is cached
   per CPU, torch version, thread count, model shape and micro-batch, so the same command on the same machine
   trains in the same precision every time and probes once.
@@ -33,6 +34,7 @@ from .recipe import bf16_is_native
 BF16_MUST_SAVE = 0.10  # bf16 is taken when its step is at least 10 % shorter than fp32's
 PROBE_STEPS = 3  # timed forward + backward passes per precision, after one warm-up each
 CACHE_FILE = "precision-probe.json"
+PROBE_VERSION = 2  # in the cache key: 2 draws new tokens every pass (probe_seconds); 1's cached timings are not reused
 # The config fields that set the work of a training step.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
@@ -94,7 +96,7 @@ def cache_dir() -> Path:
 def probe_key(config: RamanujanConfig, micro_batch: tuple[int, int]) -> str:
     """What the timings depend on: the CPU (model name, bf16 and AMX support), torch, threads, shape, micro-batch."""
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown CPU")
-    facts = {"cpu": cpu, "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+    facts = {"probe": PROBE_VERSION, "cpu": cpu, "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
              "amx": torch.cpu._is_amx_tile_supported(), "torch": torch.__version__, "threads": torch.get_num_threads(),
              "shape": {name: getattr(config, name, None) for name in SHAPE_FIELDS},
              "attention": config._attn_implementation or "sdpa", "micro_batch": list(micro_batch)}
@@ -111,13 +113,18 @@ def _cpuinfo() -> list[str]:
 def probe_seconds(config: RamanujanConfig, micro_batch: tuple[int, int], steps: int = PROBE_STEPS) -> dict[str, float]:
     """Median seconds of one forward + backward (LM loss) of a fresh model of `config` on random tokens, in fp32
     ("no") and under bf16 autocast ("bf16"), interleaved so that other load on the machine hits both alike.
-    The global RNG is left as it was, so the run's own initialization and data order do not depend on the probe."""
+
+    Every pass gets new tokens (both precisions the same ones), as training does: an MoE layer's per-expert matmuls
+    then change shape each step, as they do in training, and a bf16 matmul of a new shape first builds its oneDNN
+    kernel (about 0.65 ms at the quality anchor's expert size, fp32's MKL path builds none). A probe that repeated
+    one batch timed only cached kernels and took bf16 for an MoE model whose bf16 training step was 1.6× slower
+    (docs/benchmarks.md, "Time to target"). The global RNG is left as it was, so the run's own initialization and
+    data order do not depend on the probe."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = RamanujanForCausalLM(config).train()
-        tokens = torch.randint(0, config.vocab_size, micro_batch)
 
-        def step(precision: str) -> float:
+        def step(precision: str, tokens: torch.Tensor) -> float:
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = model(input_ids=tokens, labels=tokens).loss
@@ -126,9 +133,10 @@ def probe_seconds(config: RamanujanConfig, micro_batch: tuple[int, int], steps: 
             return time.perf_counter() - start
 
         seconds = {"no": [], "bf16": []}
-        for precision in seconds:  # warm-up: first calls allocate and pick kernels
-            step(precision)
-        for _ in range(steps):
+        for round_ in range(steps + 1):  # round 0 warms up: first calls allocate and pick kernels
+            tokens = torch.randint(0, config.vocab_size, micro_batch)
             for precision, samples in seconds.items():
-                samples.append(step(precision))
+                elapsed = step(precision, tokens)
+                if round_:
+                    samples.append(elapsed)
     return {precision: median(samples) for precision, samples in seconds.items()}
