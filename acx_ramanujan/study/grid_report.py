@@ -29,6 +29,7 @@ from ..reporting import markdown_table, save_figure
 from . import STUDY_ARCHITECTURE
 from .compare_init import is_finished, recorded_recipe, run_name, sorting_loss, variant_color
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="acx-rt grid-report", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="a compare-init --output_dir")

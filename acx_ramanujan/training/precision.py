@@ -117,8 +117,8 @@ def probe_seconds(config: RamanujanConfig, micro_batch: tuple[int, int], steps: 
     Every pass gets new tokens (both precisions the same ones), as training does: an MoE layer's per-expert matmuls
     then change shape each step, as they do in training, and a bf16 matmul of a new shape first builds its oneDNN
     kernel (about 0.65 ms at the quality anchor's expert size, fp32's MKL path builds none). A probe that repeated
-    one batch timed only cached kernels and took bf16 for an MoE model whose bf16 training step was 1.6× slower
-    (docs/benchmarks.md, "Time to target"). The global RNG is left as it was, so the run's own initialization and
+    one batch timed only cached kernels and took bf16 for `tiny-moe` on one thread, whose bf16 training step is 1.40×
+    slower (docs/benchmarks.md, "Time to target"). The global RNG is left as it was, so the run's own initialization and
     data order do not depend on the probe."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
